@@ -1,0 +1,97 @@
+"""The Pillow face of the codec: ``_accept``, the ``ImageFile`` subclass, the save handler.
+
+Opening parses the header only (no torch, no numpy work); ``load()`` runs the
+decoder. All real work lives in :mod:`pillow_sdlatent.codec`.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Any
+
+from PIL import Image, ImageFile
+
+from . import container
+
+FORMAT = "SDL"
+MIME = "image/x-sdl"
+EXTENSION = ".sdl"
+
+
+def _accept(prefix: bytes) -> bool:
+    return container.check_signature(prefix)
+
+
+class SdlImageFile(ImageFile.ImageFile):
+    """An ``.sdl`` image. Set ``decode_options`` before ``load()`` to choose the decoder.
+
+    ``decode_options`` takes ``model`` (a compatible model, e.g. ``sd-vae`` for a
+    ``taesd`` file), ``device``, ``weights`` and ``allow_digest_mismatch``.
+    """
+
+    format = FORMAT
+    format_description = "Stable Diffusion latent"
+
+    def _open(self) -> None:
+        self.layout = container.read_layout(self.fp)
+        header = self.layout.header
+        self._size = (header.width, header.height)
+        self._mode = header.mode
+        self.info.update(self.layout.metadata)
+        self.info["sdl"] = {
+            "version": "%d.%d" % self.layout.version,
+            "model": header.model,
+            "original_mode": header.original_mode,
+            "latent_shape": header.latent_shape,
+            "quantizer": header.quantizer,
+            "coder": header.coder,
+        }
+        self.decode_options: dict[str, Any] = {}
+        self.tile = [ImageFile._Tile(FORMAT, (0, 0, *self._size), 0, (self,))]
+
+    @property
+    def n_frames(self) -> int:
+        return 1
+
+    @property
+    def is_animated(self) -> bool:
+        return False
+
+    def verify(self) -> None:
+        """Check every CRC and the payload's presence without running the decoder."""
+        if self.fp is None:
+            raise RuntimeError("verify must be called directly after open")
+        if not self.layout.complete or self.layout.payload_crc is None:
+            raise container.DamagedFileError("SDL file is truncated")
+        container.read_payload(self.fp, self.layout)
+        super().verify()
+
+
+class _SdlDecoder(ImageFile.PyDecoder):
+    _pulls_fd = True
+
+    def decode(self, buffer: bytes | Image.SupportsArrayInterface) -> tuple[int, int]:
+        from . import codec
+
+        image_file: SdlImageFile = self.args[0]
+        assert self.fd is not None
+        decoded = codec.decode_layout(
+            self.fd, image_file.layout,
+            allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES, **image_file.decode_options,
+        )
+        self.set_as_raw(decoded.tobytes(), decoded.mode)
+        return -1, 0
+
+
+def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
+    from . import codec
+
+    fp.write(codec.encode_image(im, im.encoderinfo))
+
+
+def register() -> None:
+    """Register the SDL format with Pillow (idempotent); importing the package does it too."""
+    Image.register_open(FORMAT, SdlImageFile, _accept)
+    Image.register_save(FORMAT, _save)
+    Image.register_extension(FORMAT, EXTENSION)
+    Image.register_mime(FORMAT, MIME)
+    Image.register_decoder(FORMAT, _SdlDecoder)

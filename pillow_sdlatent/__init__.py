@@ -1,0 +1,24 @@
+"""Pillow plugin for ``.sdl``: photos stored as quantized Stable Diffusion latents.
+
+``import pillow_sdlatent`` registers the format; ``register()`` does it explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .SdlImagePlugin import register
+
+__all__ = ["decode_file", "encode_image", "read_latent", "register"]
+__version__ = "0.1.0"
+
+register()
+
+
+def __getattr__(name: str) -> Any:
+    """Codec functions load on first use, so that importing the plugin stays cheap."""
+    if name in ("read_latent", "encode_image", "decode_file"):
+        from . import codec
+
+        return getattr(codec, name)
+    raise AttributeError(f"module 'pillow_sdlatent' has no attribute {name!r}")

@@ -1,0 +1,144 @@
+"""The ``sdl`` command: encode, decode and inspect ``.sdl`` files, many at a time."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from . import container
+from .quantize import DEFAULT_QUALITY
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
+    handle, temp_name = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as fp:
+            fp.write(data)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _output_path(source: Path, out_dir: Path | None, suffix: str) -> Path:
+    return (out_dir or source.parent) / (source.stem + suffix)
+
+
+def _progress(items: Sequence[Path], desc: str) -> Iterable[Path]:
+    if len(items) < 2:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="file")
+
+
+def _run_all(items: Sequence[Path], desc: str, work: Callable[[Path], None]) -> int:
+    """Apply ``work`` to every file; report failures and keep going; exit status 1 if any failed."""
+    failures = 0
+    for path in _progress(items, desc):
+        try:
+            work(path)
+        except (OSError, SyntaxError, ValueError) as exc:
+            failures += 1
+            print(f"sdl: {path}: {exc}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .codec import encode_image
+
+    options = {"quality": args.quality, "model": args.model, "device": args.device, "weights": args.weights}
+
+    def encode_one(source: Path) -> None:
+        with Image.open(source) as image:
+            data = encode_image(image, options)
+        atomic_write(Path(args.output) if args.output else _output_path(source, args.out_dir, ".sdl"), data)
+
+    return _run_all(args.inputs, "encode", encode_one)
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .codec import decode_file
+
+    def decode_one(source: Path) -> None:
+        image = decode_file(source, model=args.model, device=args.device, weights=args.weights)
+        target = Path(args.output) if args.output else _output_path(source, args.out_dir, f".{args.format}")
+        with tempfile.SpooledTemporaryFile() as buffer:
+            image.save(buffer, format=Image.registered_extensions().get(f".{args.format}", args.format))
+            buffer.seek(0)
+            atomic_write(target, buffer.read())
+
+    return _run_all(args.inputs, "decode", decode_one)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    def info_one(path: Path) -> None:
+        with open(path, "rb") as fp:
+            layout = container.read_layout(fp)
+        header = layout.header
+        bits = os.path.getsize(path) * 8
+        print(f"{path}:")
+        print(f"  format version  {layout.version[0]}.{layout.version[1]}")
+        print(f"  size            {header.width}x{header.height}  mode {header.mode} (given {header.original_mode})")
+        print(f"  model           {header.model}  decoder sha256 {header.decoder_digest.hex()[:16]}…")
+        print(f"  latent          {'x'.join(map(str, header.latent_shape))}")
+        print(f"  quantizer       {header.quantizer} ({len(header.quantizer_params)} bytes of parameters)")
+        print(f"  coder           {header.coder}  payload {header.payload_length} bytes")
+        print(f"  metadata        {', '.join(sorted(layout.metadata)) or 'none'}{'  + alpha' if layout.alpha else ''}")
+        print(f"  bits per pixel  {bits / (header.width * header.height):.4f}")
+        if not layout.complete:
+            print("  WARNING: file is truncated")
+
+    return _run_all(args.inputs, "info", info_one)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdl", description="Stable Diffusion latent image files (.sdl).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(sub: argparse.ArgumentParser, model_default: str | None) -> None:
+        sub.add_argument("--model", default=model_default, help="model name (default: %(default)s)")
+        sub.add_argument("--device", help="cpu, cuda, mps (default: $PILLOW_SDLATENT_DEVICE or the best available)")
+        sub.add_argument("--weights", help="a folder or .safetensors file holding the model's weights")
+        sub.add_argument("-o", "--output", help="output file (one input only)")
+        sub.add_argument("--out-dir", type=Path, help="write outputs here instead of beside the inputs")
+
+    encode = commands.add_parser("encode", help="compress images to .sdl")
+    encode.add_argument("inputs", nargs="+", type=Path)
+    encode.add_argument("-q", "--quality", type=int, default=DEFAULT_QUALITY, help="1..100 (default: %(default)s)")
+    model_options(encode, "taesd")
+    encode.set_defaults(run=cmd_encode)
+
+    decode = commands.add_parser("decode", help="decode .sdl files to another format")
+    decode.add_argument("inputs", nargs="+", type=Path)
+    decode.add_argument("--format", default="png", help="output extension (default: %(default)s)")
+    model_options(decode, None)
+    decode.set_defaults(run=cmd_decode)
+
+    info = commands.add_parser("info", help="print headers without decoding")
+    info.add_argument("inputs", nargs="+", type=Path)
+    info.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "output", None) and len(args.inputs) > 1:
+        parser.error("--output takes one input; use --out-dir for several")
+    if getattr(args, "out_dir", None):
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Named autoencoders: registry, weight lookup, device and dtype choice, caching.
+
+Weights are searched in this order, and an error names every place looked at:
+
+1. an explicit ``weights=`` argument (a folder or a ``.safetensors`` file);
+2. the folder named by the environment variable ``PILLOW_SDLATENT_MODELS``;
+3. the Hugging Face cache, then the hub (``HF_HUB_OFFLINE=1`` skips the hub).
+
+Only safetensors are ever read: pickled checkpoints can run code when loaded.
+Models load lazily, once per (model, weights, device, dtype), behind a lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+MODELS_ENV = "PILLOW_SDLATENT_MODELS"
+DEVICE_ENV = "PILLOW_SDLATENT_DEVICE"
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
+
+
+class WeightsNotFoundError(OSError):
+    """No usable weights were found anywhere on the search path."""
+
+
+class UnsafeWeightsError(ValueError):
+    """A weights path names a pickle-based format, which is never loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a registry name stands for."""
+
+    name: str
+    family: str  # "tiny" (AutoencoderTiny) or "kl" (AutoencoderKL)
+    latent_space: str
+    channels: int
+    hub_id: str
+    file_prefix: str = ""  # TAESD file names in the models folder: {prefix}_encoder.safetensors
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("taesd", "tiny", "sd1", 4, "madebyollin/taesd", "taesd"),
+        ModelSpec("taesdxl", "tiny", "sdxl", 4, "madebyollin/taesdxl", "taesdxl"),
+        ModelSpec("taesd3", "tiny", "sd3", 16, "madebyollin/taesd3", "taesd3"),
+        ModelSpec("taef1", "tiny", "flux", 16, "madebyollin/taef1", "taef1"),
+        ModelSpec("sd-vae", "kl", "sd1", 4, "stabilityai/sd-vae-ft-mse"),
+    )
+}
+DEFAULT_MODEL = "taesd"
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(REGISTRY)}") from None
+
+
+def resolve_device(device: str | None = None) -> str:
+    """The explicit device, else $PILLOW_SDLATENT_DEVICE, else CUDA, MPS, CPU in that order."""
+    import torch
+
+    choice = device or os.environ.get(DEVICE_ENV) or ""
+    if choice:
+        try:
+            torch.device(choice)
+        except RuntimeError:
+            raise ValueError(f"unknown device {choice!r}") from None
+        return choice
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """Half precision on CUDA, where both the TAESDs and the SD 1.x VAE are stable in it."""
+    import torch
+
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+class LatentModel:
+    """An autoencoder with the codec's conventions: pixels in [-1, 1], scaled latents.
+
+    Latents are always in the diffusion model's (scaled) latent space, so that
+    ``taesd`` and ``sd-vae`` files are interchangeable.
+    """
+
+    def __init__(self, spec: ModelSpec, module: torch.nn.Module, device: str, dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.decoder_digest = decoder_digest(module.state_dict(), spec.family)
+        module = module.to(device).eval().requires_grad_(False)
+        # .half() rather than .to(dtype): the same cast without diffusers' upcast warning
+        self.module = module.half() if dtype == _float16() else module
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) float in [-1, 1] -> (N, C, H/8, W/8) float32 latent, deterministic."""
+        import torch
+
+        with torch.inference_mode():
+            x = pixels.to(self.device, self.dtype)
+            if self.spec.family == "tiny":
+                latent = self.module.encode(x).latents
+            else:
+                config = self.module.config
+                latent = self.module.encode(x).latent_dist.mode()
+                latent = (latent - (config.shift_factor or 0.0)) * config.scaling_factor
+            return latent.float().cpu()
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) latent -> (N, 3, 8h, 8w) float32 pixels in [-1, 1]."""
+        import torch
+
+        with torch.inference_mode():
+            z = latent.to(self.device, self.dtype)
+            if self.spec.family == "kl":
+                config = self.module.config
+                z = z / config.scaling_factor + (config.shift_factor or 0.0)
+            return self.module.decode(z).sample.float().clamp(-1, 1).cpu()
+
+
+def decoder_digest(state_dict: dict[str, torch.Tensor], family: str) -> bytes:
+    """SHA-256 of the decoder weights rounded to bfloat16 (FORMAT.md, Decoder digest)."""
+    import torch
+
+    prefixes = ("decoder.",) if family == "tiny" else ("decoder.", "post_quant_conv.")
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state_dict if k.startswith(prefixes)):
+        tensor = state_dict[key].detach().to("cpu", torch.bfloat16).contiguous()
+        digest.update(key.encode() + b"\0")
+        digest.update(b"".join(int(n).to_bytes(4, "big") for n in tensor.shape) + b"\0")
+        digest.update(tensor.view(torch.int16).numpy().astype("<i2").tobytes())
+    return digest.digest()
+
+
+_cache: dict[tuple, LatentModel] = {}
+_cache_lock = threading.Lock()
+_key_locks: dict[tuple, threading.Lock] = {}
+
+
+def load_model(name: str = DEFAULT_MODEL, *, weights: str | os.PathLike | None = None,
+               device: str | None = None) -> LatentModel:
+    """The named model, loaded on first use and shared afterwards (thread-safe)."""
+    spec = get_spec(name)
+    resolved_device = resolve_device(device)
+    models_dir = os.environ.get(MODELS_ENV, "")
+    key = (spec.name, os.fspath(weights) if weights else None, models_dir, resolved_device)
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        if key not in _cache:
+            module = _build_module(spec, weights, models_dir)
+            model = LatentModel(spec, module, resolved_device, default_dtype(resolved_device))
+            with _cache_lock:
+                _cache[key] = model
+    return _cache[key]
+
+
+def _build_module(spec: ModelSpec, weights: str | os.PathLike | None, models_dir: str) -> torch.nn.Module:
+    tried: list[str] = []
+    candidates: list[tuple[str, Path]] = []
+    if weights:
+        candidates.append(("weights= argument", Path(weights)))
+    if models_dir:
+        candidates.append((f"${MODELS_ENV}", Path(models_dir)))
+    for origin, path in candidates:
+        _refuse_pickle(path)
+        module = _from_local(spec, path)
+        if module is not None:
+            return module
+        tried.append(f"{origin}: {path} ({_expected_files(spec)})")
+    module, hub_note = _from_hub(spec)
+    if module is not None:
+        return module
+    tried.append(f"Hugging Face {hub_note}: {spec.hub_id}")
+    if not models_dir:
+        tried.append(f"${MODELS_ENV}: not set")
+    raise WeightsNotFoundError(
+        f"no weights for model {spec.name!r}. Looked in:\n  - " + "\n  - ".join(tried)
+        + f"\nSet {MODELS_ENV} to a folder holding {_expected_files(spec)}, pass weights=, "
+        "or allow Hugging Face hub access."
+    )
+
+
+def _expected_files(spec: ModelSpec) -> str:
+    if spec.family == "tiny":
+        return f"{spec.file_prefix}_encoder.safetensors + {spec.file_prefix}_decoder.safetensors, or a diffusers folder"
+    return "a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) or a .safetensors file"
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeWeightsError(
+            f"refusing to load {path}: {path.suffix} files are pickles that can run code; "
+            "convert them to .safetensors"
+        )
+
+
+def _from_local(spec: ModelSpec, path: Path) -> torch.nn.Module | None:
+    """Load from a folder or file, or None when it holds nothing for this model."""
+    if spec.family == "tiny":
+        pair = [path / f"{spec.file_prefix}_{part}.safetensors" for part in ("encoder", "decoder")]
+        if all(file.is_file() for file in pair):
+            return _tiny_from_taesd_files(spec, path)
+        for folder in (path / spec.name, path):
+            if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+                return _from_diffusers(spec, str(folder))
+        return None
+    if path.is_file() and path.suffix == ".safetensors":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_single_file(str(path))
+    for folder in (path / spec.name, path):
+        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+            return _from_diffusers(spec, str(folder))
+    return None
+
+
+def _tiny_from_taesd_files(spec: ModelSpec, folder: Path) -> torch.nn.Module:
+    """The original taesd.py key layout, remapped onto diffusers' AutoencoderTiny."""
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import load_file
+
+    encoder_file = folder / f"{spec.file_prefix}_encoder.safetensors"
+    state = {f"encoder.layers.{k}": v.float() for k, v in load_file(encoder_file).items()}
+    for key, value in load_file(folder / f"{spec.file_prefix}_decoder.safetensors").items():
+        index, rest = key.split(".", 1)
+        state[f"decoder.layers.{int(index) - 1}.{rest}"] = value.float()
+    module = AutoencoderTiny(latent_channels=spec.channels)
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def _from_diffusers(spec: ModelSpec, location: str, **kwargs: object) -> torch.nn.Module:
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    cls = AutoencoderTiny if spec.family == "tiny" else AutoencoderKL
+    return cls.from_pretrained(location, use_safetensors=True, torch_dtype=_float32(), **kwargs)
+
+
+def _float32() -> torch.dtype:
+    import torch
+
+    return torch.float32
+
+
+def _float16() -> torch.dtype:
+    import torch
+
+    return torch.float16
+
+
+def _from_hub(spec: ModelSpec) -> tuple[torch.nn.Module | None, str]:
+    """Try the local Hugging Face cache, then the hub unless HF_HUB_OFFLINE is set."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    attempts = [True] if offline else [True, False]
+    for local_only in attempts:
+        try:
+            return _from_diffusers(spec, spec.hub_id, local_files_only=local_only), ""
+        except Exception:  # noqa: BLE001 - any hub failure means "not found here"; we report it below
+            continue
+    return None, "cache (HF_HUB_OFFLINE set, hub skipped)" if offline else "cache and hub (unreachable or missing)"
