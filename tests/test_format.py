@@ -1,0 +1,139 @@
+"""Opening, verifying and refusing files: the Pillow contract around the container."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from pillow_sdlatent import container
+from pillow_sdlatent.SdlImagePlugin import SdlImageFile
+
+
+@pytest.fixture(scope="module")
+def sdl_bytes(photo: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    photo.save(buffer, format="SDL")
+    return buffer.getvalue()
+
+
+def test_open_does_not_import_torch(sdl_bytes: bytes, tmp_path: Path) -> None:
+    target = tmp_path / "x.sdl"
+    target.write_bytes(sdl_bytes)
+    script = (
+        "import sys, pillow_sdlatent\n"
+        "from PIL import Image\n"
+        f"im = Image.open({str(target)!r})\n"
+        "print(im.format, im.size, im.mode, 'torch' in sys.modules, 'diffusers' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["SDL", "(192,", "128)", "RGB", "False", "False"]
+
+
+def test_explicit_register_in_a_fresh_process(sdl_bytes: bytes, tmp_path: Path) -> None:
+    target = tmp_path / "x.sdl"
+    target.write_bytes(sdl_bytes)
+    script = (
+        "from PIL import Image\n"
+        "from pillow_sdlatent.SdlImagePlugin import register\n"
+        "register()\n"
+        f"print(Image.open({str(target)!r}).format)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "SDL"
+
+
+def test_not_an_sdl_file(tmp_path: Path) -> None:
+    target = tmp_path / "x.sdl"
+    target.write_bytes(b"\x89SDL but then not the rest of the signature")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(target)
+    png = tmp_path / "y.sdl"
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    with pytest.raises(SyntaxError):
+        SdlImageFile(png)
+
+
+def test_corrupt_header_is_a_syntax_error(sdl_bytes: bytes) -> None:
+    damaged = bytearray(sdl_bytes)
+    damaged[20] ^= 0x40  # inside SHDR: the header CRC no longer matches
+    with pytest.raises(SyntaxError):
+        SdlImageFile(io.BytesIO(bytes(damaged)))
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(io.BytesIO(bytes(damaged)))
+
+
+def test_truncated_payload_is_an_os_error(sdl_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    truncated = sdl_bytes[: len(sdl_bytes) - 40]
+    image = Image.open(io.BytesIO(truncated))
+    with pytest.raises(OSError, match="truncated"):
+        image.load()
+    with pytest.raises(OSError, match="truncated"):
+        Image.open(io.BytesIO(truncated)).verify()
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    image = Image.open(io.BytesIO(truncated))
+    image.load()
+    assert image.size == (192, 128)
+
+
+def test_verify_catches_a_damaged_payload(sdl_bytes: bytes) -> None:
+    Image.open(io.BytesIO(sdl_bytes)).verify()
+    damaged = bytearray(sdl_bytes)
+    damaged[-30] ^= 0x01  # inside LATD
+    with pytest.raises(OSError, match="CRC"):
+        Image.open(io.BytesIO(bytes(damaged))).verify()
+
+
+def _with_chunk_before_end(data: bytes, chunk_type: bytes, payload: bytes) -> bytes:
+    end = len(data) - 12  # SEND: length, type, CRC
+    chunk = struct.pack(">I4s", len(payload), chunk_type) + payload + struct.pack(">I", zlib.crc32(chunk_type + payload))
+    return data[:end] + chunk + data[end:]
+
+
+def test_unknown_chunks(sdl_bytes: bytes) -> None:
+    skipped = Image.open(io.BytesIO(_with_chunk_before_end(sdl_bytes, b"zzZz", b"hello")))
+    skipped.load()
+    with pytest.raises(OSError, match="does not know"):
+        Image.open(io.BytesIO(_with_chunk_before_end(sdl_bytes, b"ZZZZ", b"hello")))
+
+
+def test_newer_major_version_is_refused(sdl_bytes: bytes) -> None:
+    newer = sdl_bytes[:8] + bytes([2, 0]) + sdl_bytes[10:]
+    with pytest.raises(OSError, match="version 2.0"):
+        Image.open(io.BytesIO(newer))
+    minor = sdl_bytes[:8] + bytes([1, 7]) + sdl_bytes[10:]
+    Image.open(io.BytesIO(minor)).load()
+
+
+def test_header_round_trip() -> None:
+    header = container.Header(
+        width=1001, height=3, original_mode="P", mode="RGB", model="taesd", decoder_digest=bytes(range(32)),
+        latent_shape=(4, 1, 126), quantizer="uniform", quantizer_params=b"\0" * 16, coder="zstd",
+        coder_params=b"\x01", payload_length=99,
+    )
+    assert container.Header.from_bytes(header.to_bytes()) == header
+    with pytest.raises(SyntaxError):
+        container.Header.from_bytes(header.to_bytes()[:-1])
+
+
+def test_decompression_bomb_rules(sdl_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 192 * 128 // 2 - 1)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(sdl_bytes))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 192 * 128 - 1)
+    with pytest.warns(Image.DecompressionBombWarning):
+        Image.open(io.BytesIO(sdl_bytes))
+
+
+def test_failed_save_leaves_no_file(photo: Image.Image, tmp_path: Path) -> None:
+    target = tmp_path / "x.sdl"
+    with pytest.raises(ValueError):
+        photo.save(target, quality=1000)
+    assert not os.path.exists(target)

@@ -1,0 +1,104 @@
+"""Model registry and weight lookup: sd-vae through diffusers, cross-decoding, clear errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pillow_sdlatent import codec, models
+from pillow_sdlatent.models import WeightsNotFoundError, load_model
+from tests.conftest import psnr
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small, randomly initialised AutoencoderKL with SD's 8x downsampling, saved as diffusers does.
+
+    The real stabilityai/sd-vae-ft-mse is not reachable here; this exercises the same code path.
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=4, scaling_factor=0.18215,
+    )
+    folder = tmp_path_factory.mktemp("sd-vae")
+    vae.save_pretrained(folder, safe_serialization=True)
+    assert not list(folder.glob("*.bin"))
+    return folder
+
+
+def test_sd_vae_from_pretrained_round_trip(photo: Image.Image, tiny_sd_vae: Path) -> None:
+    buffer = io.BytesIO()
+    photo.save(buffer, format="SDL", model="sd-vae", weights=str(tiny_sd_vae))
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        assert image.info["sdl"]["model"] == "sd-vae"
+        image.decode_options = {"weights": str(tiny_sd_vae)}
+        image.load()
+        assert image.size == photo.size and image.mode == "RGB"
+    model = load_model("sd-vae", weights=tiny_sd_vae)
+    assert model.spec.family == "kl" and model.decoder_digest != load_model("taesd").decoder_digest
+
+
+def test_taesd_file_decodes_with_sd_vae(photo: Image.Image, tiny_sd_vae: Path) -> None:
+    """taesd and sd-vae share SD 1.x's latent space: either decoder reads the other's files."""
+    buffer = io.BytesIO()
+    photo.save(buffer, format="SDL", model="taesd")
+    decoded = codec.decode_file(buffer.getvalue(), model="sd-vae", weights=str(tiny_sd_vae))
+    assert decoded.size == photo.size
+    with pytest.raises(ValueError, match="latent space"):
+        codec.decode_file(buffer.getvalue(), model="taesdxl")
+
+
+@pytest.mark.parametrize("name", ["taesdxl", "taesd3", "taef1"])
+def test_other_taesd_models(photo: Image.Image, name: str) -> None:
+    buffer = io.BytesIO()
+    photo.save(buffer, format="SDL", model=name)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        channels = models.REGISTRY[name].channels
+        assert image.info["sdl"]["latent_shape"] == (channels, 16, 24)
+        image.load()
+        assert psnr(photo, image) > 22
+
+
+def test_missing_weights_error_names_the_search_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PILLOW_SDLATENT_MODELS", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError) as info:
+        load_model("taesdxl", weights=tmp_path / "elsewhere")
+    message = str(info.value)
+    for expected in ("weights= argument", str(tmp_path), "PILLOW_SDLATENT_MODELS", "madebyollin/taesdxl",
+                     "taesdxl_decoder.safetensors"):
+        assert expected in message
+
+
+def test_models_load_once_per_device() -> None:
+    assert load_model("taesd") is load_model("taesd", device="cpu")
+
+
+def test_decoder_digest_is_precision_independent() -> None:
+    """fp32 hub weights and their bf16 re-saves give one digest (FORMAT.md)."""
+    model = load_model("taesd")
+    state = {k: v.float() for k, v in model.module.state_dict().items()}
+    halved = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    assert models.decoder_digest(state, "tiny") == models.decoder_digest(halved, "tiny") == model.decoder_digest
+    state["decoder.layers.0.weight"] = state["decoder.layers.0.weight"] * 1.01
+    assert models.decoder_digest(state, "tiny") != model.decoder_digest
+
+
+def test_encoding_is_deterministic(photo: Image.Image) -> None:
+    first, second = io.BytesIO(), io.BytesIO()
+    photo.save(first, format="SDL")
+    photo.save(second, format="SDL")
+    assert first.getvalue() == second.getvalue()
+    latent = codec.read_latent(first.getvalue())
+    assert np.isfinite(latent).all()
