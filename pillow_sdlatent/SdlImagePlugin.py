@@ -6,11 +6,16 @@ decoder. All real work lives in :mod:`pillow_sdlatent.codec`.
 
 from __future__ import annotations
 
+import functools
+import io
+import os
+from collections.abc import Callable
 from typing import IO, Any
 
 from PIL import Image, ImageFile
 
 from . import container
+from ._atomic import atomic_write
 
 FORMAT = "SDL"
 MIME = "image/x-sdl"
@@ -47,6 +52,15 @@ class SdlImageFile(ImageFile.ImageFile):
         }
         self.decode_options: dict[str, Any] = {}
         self.tile = [ImageFile._Tile(FORMAT, (0, 0, *self._size), 0, (self,))]
+
+    def load_prepare(self) -> None:
+        """Pillow's pixel limit once more before the image memory is allocated.
+
+        ``Image.open`` checked it already, but an ``SdlImageFile`` built directly
+        was never checked.
+        """
+        container.check_pixel_limit(*self.size, warn=False)
+        super().load_prepare()
 
     @property
     def n_frames(self) -> int:
@@ -88,8 +102,40 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
     fp.write(codec.encode_image(im, im.encoderinfo))
 
 
+def _is_sdl_target(fp: str | bytes | os.PathLike[Any], format: str | None) -> bool:
+    if format:
+        return format.upper() == FORMAT
+    return Image.EXTENSION.get(os.path.splitext(os.fsdecode(fp))[1].lower()) == FORMAT
+
+
+def _atomic_sdl_save(save: Callable[..., None]) -> Callable[..., None]:
+    """``Image.Image.save``, except that an SDL file named by a path is encoded in memory, then renamed into place.
+
+    Pillow opens (and truncates) a target path before it calls the save handler,
+    so a failed encode would leave an existing file empty. Every other save,
+    and an SDL save to a file object, goes to Pillow unchanged.
+    """
+
+    @functools.wraps(save)
+    def save_atomically(self: Image.Image, fp: Any, format: str | None = None, **params: Any) -> None:
+        if isinstance(fp, (str, bytes, os.PathLike)) and _is_sdl_target(fp, format):
+            buffer = io.BytesIO()
+            save(self, buffer, FORMAT, **params)
+            atomic_write(os.fsdecode(fp), buffer.getvalue())
+        else:
+            save(self, fp, format, **params)
+
+    save_atomically.sdl_atomic = True  # type: ignore[attr-defined]
+    return save_atomically
+
+
 def register() -> None:
-    """Register the SDL format with Pillow (idempotent); importing the package does it too."""
+    """Register the SDL format with Pillow (idempotent); importing the package does it too.
+
+    Also makes ``Image.save`` to an ``.sdl`` path atomic (see ``_atomic_sdl_save``).
+    """
+    if not getattr(Image.Image.save, "sdl_atomic", False):
+        Image.Image.save = _atomic_sdl_save(Image.Image.save)  # type: ignore[method-assign]
     Image.register_open(FORMAT, SdlImageFile, _accept)
     Image.register_save(FORMAT, _save)
     Image.register_extension(FORMAT, EXTENSION)

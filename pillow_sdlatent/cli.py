@@ -12,21 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from . import container
+from ._atomic import atomic_write
 from .quantize import DEFAULT_QUALITY
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as fp:
-            fp.write(data)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def _output_path(source: Path, out_dir: Path | None, suffix: str) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import zstandard
 from PIL import Image
 
-from . import container, entropy, quantize
+from . import container, entropy, quantize, refine
 from .container import DamagedFileError, Header, Layout
 from .models import DEFAULT_MODEL, REGISTRY, get_spec
 
@@ -32,7 +32,6 @@ MODE_RULES: dict[str, tuple[str, str]] = {
     "La": ("LA", "LA"),
     "PA": ("RGBA", "RGBA"),
 }
-DECODED_MODES = {"RGB", "L", "RGBA", "LA", "1"}
 ALPHA_ZSTD = 0
 
 
@@ -42,27 +41,47 @@ class DigestMismatchError(OSError):
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    """Validated save options; ``ValueError`` for a bad value."""
+    """Validated save options; ``ValueError`` for a bad value.
 
-    quality: int = quantize.DEFAULT_QUALITY
+    At most one rate setting: ``quality`` (1..100), ``bpp`` (bits per pixel of
+    the whole file) or ``max_bytes``; ``quality`` 75 when none is given.
+    """
+
+    quality: int | None = None
+    bpp: float | None = None
+    max_bytes: int | None = None
     model: str = DEFAULT_MODEL
+    model_fixed: bool = False
+    effort: int = 0
     device: str | None = None
     weights: str | None = None
 
     @classmethod
     def from_info(cls, info: dict[str, Any]) -> EncodeOptions:
-        quality = info.get("quality")
-        quality = quantize.DEFAULT_QUALITY if quality is None else quality
-        quantize.step_for_quality(quality)
-        model = info.get("model") or DEFAULT_MODEL
-        get_spec(model)
+        quality, bpp, max_bytes = info.get("quality"), info.get("bpp"), info.get("max_bytes")
+        if sum(value is not None for value in (quality, bpp, max_bytes)) > 1:
+            raise ValueError("give at most one of quality, bpp and max_bytes")
+        if quality is not None:
+            quantize.step_for_quality(quality)
+        if bpp is not None and (isinstance(bpp, bool) or not isinstance(bpp, (int, float)) or not 0 < bpp <= 64):
+            raise ValueError(f"bpp must be a number in (0, 64], not {bpp!r}")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+            raise ValueError(f"max_bytes must be a positive integer, not {max_bytes!r}")
+        if bpp is None and max_bytes is None and quality is None:
+            quality = quantize.DEFAULT_QUALITY
+        model = info.get("model")
+        get_spec(model or DEFAULT_MODEL)
+        effort = info.get("effort", 0)
+        if isinstance(effort, bool) or not isinstance(effort, int) or effort not in refine.ITERATIONS:
+            raise ValueError(f"effort must be an integer in 0..{refine.MAX_EFFORT}, not {effort!r}")
         device = info.get("device")
         if device is not None and not isinstance(device, str):
             raise ValueError(f"device must be a string such as 'cpu' or 'cuda', not {device!r}")
         weights = info.get("weights")
         if weights is not None and not isinstance(weights, (str, os.PathLike)):
             raise ValueError(f"weights must be a path, not {weights!r}")
-        return cls(int(quality), model, device, os.fspath(weights) if weights else None)
+        return cls(quality, None if bpp is None else float(bpp), max_bytes, model or DEFAULT_MODEL,
+                   model is not None, effort, device, os.fspath(weights) if weights else None)
 
 
 def working_image(image: Image.Image) -> tuple[Image.Image, str]:
@@ -111,55 +130,98 @@ def encode_image(image: Image.Image, info: dict[str, Any] | None = None) -> byte
         raise ValueError("cannot save an empty image")
     if max(width, height) > container.MAX_SIDE:
         raise ValueError(f"SDL images are at most {container.MAX_SIDE} pixels a side")
+    alpha = None
+    if stored_mode in container.ALPHA_MODES:
+        alpha_plane = np.asarray(work.getchannel("A"), dtype=np.uint8).tobytes()
+        alpha = bytes([ALPHA_ZSTD]) + zstandard.ZstdCompressor(level=19).compress(alpha_plane)
 
     from .models import load_model
 
     model = load_model(options.model, weights=options.weights, device=options.device)
-    latent = encode_latent(model, rgb_array(work))
-    quantizer = quantize.UniformQuantizer.for_quality(options.quality, latent.shape[0])
-    symbols = quantizer.quantize(latent)
-    coder = entropy.get_coder(entropy.DEFAULT_CODER)
-    coder_params, payload = coder.encode(symbols)
-    alpha = None
-    if stored_mode in ("RGBA", "LA"):
-        alpha_plane = np.asarray(work.getchannel("A"), dtype=np.uint8).tobytes()
-        alpha = bytes([ALPHA_ZSTD]) + zstandard.ZstdCompressor(level=19).compress(alpha_plane)
-    header = Header(
-        width=width, height=height, original_mode=image.mode, mode=stored_mode,
-        model=options.model, decoder_digest=model.decoder_digest, latent_shape=symbols.shape,
-        quantizer=quantizer.name, quantizer_params=quantizer.to_params(),
-        coder=coder.name, coder_params=coder_params, payload_length=len(payload),
-    )
-    return container.serialize(header, payload, metadata, alpha)
+    rgb = padded_rgb(work)
+    latent = model.encode_image(rgb)
+
+    def file_for(latent: np.ndarray, step: float) -> bytes:
+        quantizer = quantize.UniformQuantizer.with_step(step, latent.shape[0])
+        symbols = quantizer.quantize(latent)
+        coder = entropy.get_coder(entropy.DEFAULT_CODER)
+        coder_params, payload = coder.encode(symbols)
+        header = Header(
+            width=width, height=height, original_mode=image.mode, mode=stored_mode,
+            model=options.model, decoder_digest=model.decoder_digest, latent_shape=symbols.shape,
+            quantizer=quantizer.name, quantizer_params=quantizer.to_params(),
+            coder=coder.name, coder_params=coder_params, payload_length=len(payload),
+        )
+        return container.serialize(header, payload, metadata, alpha)
+
+    target = rate_target(options, width, height)
+    if target is None:
+        step = quantize.step_for_quality(options.quality or quantize.DEFAULT_QUALITY)
+        return file_for(refine.refine_latent(model, latent, rgb, step, options.effort), step)
+    data = fit_rate(lambda step: file_for(latent, step), target)
+    if options.effort:
+        step = quantize.UniformQuantizer.from_params(_quantizer_params(data), latent.shape[0]).steps[0]
+        latent = refine.refine_latent(model, latent, rgb, step, options.effort)
+        data = fit_rate(lambda step: file_for(latent, step), target)
+    return data
 
 
-def rgb_array(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 colour of an L/LA/RGB/RGBA image (grey replicated)."""
-    rgb = image.convert("RGB") if image.mode != "RGB" else image
-    return np.asarray(rgb, dtype=np.uint8)
+def rate_target(options: EncodeOptions, width: int, height: int) -> int | None:
+    """The file size in bytes that ``bpp`` or ``max_bytes`` asks for, if either does."""
+    if options.max_bytes is not None:
+        return options.max_bytes
+    if options.bpp is not None:
+        return max(1, int(options.bpp * width * height / 8))
+    return None
 
 
-def encode_latent(model: Any, rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (C, ceil(H/8), ceil(W/8)) float32 latent; edges replicated to a multiple of 8.
+#: Rate control searches the step in this range (wider than quality's 0.05..2.0).
+RATE_STEPS = (0.01, 16.0)
+RATE_TOLERANCE = 0.03
+
+
+def fit_rate(file_for: Any, target: int) -> bytes:
+    """The file whose size is within 3% under ``target`` bytes, by bisection on log(step).
+
+    Never returns a file over ``target``; ``ValueError`` when even the coarsest
+    step does not fit (the header and metadata alone may be too big).
+    """
+    low, high = np.log(RATE_STEPS[0]), np.log(RATE_STEPS[1])  # fine step: big file; coarse: small
+    best = file_for(float(np.exp(high)))
+    if len(best) > target:
+        raise ValueError(f"cannot fit this image in {target} bytes: the smallest file is {len(best)} bytes")
+    finest = file_for(float(np.exp(low)))
+    if len(finest) <= target:
+        return finest
+    for _ in range(40):
+        middle = (low + high) / 2
+        data = file_for(float(np.exp(middle)))
+        if len(data) > target:
+            low = middle
+        else:
+            high, best = middle, data
+            if len(data) >= (1 - RATE_TOLERANCE) * target:
+                break
+    return best
+
+
+def _quantizer_params(data: bytes) -> bytes:
+    return container.read_layout(io.BytesIO(data)).header.quantizer_params
+
+
+def padded_rgb(image: Image.Image) -> np.ndarray:
+    """(H', W', 3) uint8 colour, edges replicated to a multiple of 8 (grey replicated to RGB).
 
     (A margin of extra context around the image was measured: it costs 0.3-4 dB.)
     """
-    import torch
-
+    rgb = np.asarray(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8)
     height, width = rgb.shape[:2]
-    pad_h, pad_w = (-height) % 8, (-width) % 8
-    padded = np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    pixels = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    return model.encode(pixels)[0].numpy()
+    return np.pad(rgb, ((0, (-height) % 8), (0, (-width) % 8), (0, 0)), mode="edge")
 
 
 def decode_latent(model: Any, latent: np.ndarray, width: int, height: int) -> np.ndarray:
     """(C, h, w) latent -> (height, width, 3) uint8, cropped back to the true size."""
-    import torch
-
-    pixels = model.decode(torch.from_numpy(np.ascontiguousarray(latent))[None])[0]
-    rgb = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(rgb[:height, :width])
+    return np.ascontiguousarray(model.decode_image(latent)[:height, :width])
 
 
 def read_symbols(layout: Layout, payload: bytes) -> np.ndarray:
@@ -197,6 +259,12 @@ def read_payload(fp: IO[bytes], layout: Layout, allow_truncated: bool) -> bytes:
 
 def latent_from_layout(fp: IO[bytes], layout: Layout, allow_truncated: bool = False) -> np.ndarray:
     """The dequantized (C, H, W) float32 latent of an opened file."""
+    spec = REGISTRY.get(layout.header.model)
+    if spec is not None and layout.header.latent_shape[0] != spec.channels:
+        raise DamagedFileError(
+            f"SDL header gives a {layout.header.model!r} latent {layout.header.latent_shape[0]} channels, "
+            f"not {spec.channels}"
+        )
     payload = read_payload(fp, layout, allow_truncated)
     if len(payload) < layout.header.payload_length:
         try:
@@ -214,7 +282,9 @@ def read_latent(source: str | os.PathLike | IO[bytes] | bytes) -> np.ndarray:
     For pipelines that train on latents: no torch and no weights are needed.
     """
     with _open_binary(source) as fp:
-        return latent_from_layout(fp, container.read_layout(fp))
+        layout = container.read_layout(fp)
+        container.check_pixel_limit(layout.header.width, layout.header.height)
+        return latent_from_layout(fp, layout)
 
 
 def decoder_for(layout: Layout, model: str | None = None, *, device: str | None = None,
@@ -250,18 +320,21 @@ def decoder_for(layout: Layout, model: str | None = None, *, device: str | None 
 
 def decode_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = False,
                   **decoder_options: Any) -> Image.Image:
-    """Decode an opened file into a Pillow image of the header's mode."""
+    """Decode an opened file into a Pillow image of the header's mode.
+
+    Everything that can refuse the file (payload, alpha plane, weights) is
+    checked before the decoder runs, the one expensive step.
+    """
     header = layout.header
-    if header.mode not in DECODED_MODES:
-        raise DamagedFileError(f"SDL file declares unsupported image mode {header.mode!r}")
     latent = latent_from_layout(fp, layout, allow_truncated)
+    alpha = alpha_plane(layout) if header.mode in container.ALPHA_MODES else None
     decoder = decoder_for(layout, **decoder_options)
     rgb = Image.fromarray(decode_latent(decoder, latent, header.width, header.height), "RGB")
-    return finish_mode(rgb, layout)
+    return finish_mode(rgb, layout, alpha)
 
 
-def finish_mode(rgb: Image.Image, layout: Layout) -> Image.Image:
-    """Turn the decoded colour into the header's mode, restoring alpha losslessly."""
+def finish_mode(rgb: Image.Image, layout: Layout, alpha: bytes | None) -> Image.Image:
+    """Turn the decoded colour into the header's mode, restoring alpha (``alpha_plane``'s bytes) losslessly."""
     mode = layout.header.mode
     if mode == "RGB":
         return rgb
@@ -270,9 +343,10 @@ def finish_mode(rgb: Image.Image, layout: Layout) -> Image.Image:
         return grey
     if mode == "1":
         return grey.convert("1", dither=Image.Dither.NONE)
-    alpha = Image.frombytes("L", rgb.size, alpha_plane(layout))
+    assert alpha is not None, "alpha modes always come with their plane"
+    plane = Image.frombytes("L", rgb.size, alpha)
     base = grey if mode == "LA" else rgb
-    return Image.merge(mode, (*base.split(), alpha))
+    return Image.merge(mode, (*base.split(), plane))
 
 
 def alpha_plane(layout: Layout) -> bytes:
@@ -282,18 +356,16 @@ def alpha_plane(layout: Layout) -> bytes:
     if data[:1] != bytes([ALPHA_ZSTD]):
         raise DamagedFileError("unknown alpha coding method")
     try:
-        plane = zstandard.ZstdDecompressor().decompress(data[1:], max_output_size=expected)
-    except zstandard.ZstdError as exc:
+        return entropy.zstd_decompress_exact(data[1:], expected)
+    except ValueError as exc:
         raise DamagedFileError(f"damaged alpha plane: {exc}") from None
-    if len(plane) != expected:
-        raise DamagedFileError("alpha plane does not match the image size")
-    return plane
 
 
 def decode_file(source: str | os.PathLike | IO[bytes] | bytes, **decoder_options: Any) -> Image.Image:
     """Decode a whole file (path, file object or bytes) to a loaded Pillow image."""
     with _open_binary(source) as fp:
         layout = container.read_layout(fp)
+        container.check_pixel_limit(layout.header.width, layout.header.height)
         image = decode_layout(fp, layout, **decoder_options)
     image.info.update(layout.metadata)
     return image

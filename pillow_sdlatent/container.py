@@ -7,10 +7,14 @@ before anything is allocated for it.
 
 from __future__ import annotations
 
+import io
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import IO
+
+from PIL import Image
 
 SIGNATURE = b"\x89SDL\r\n\x1a\n"
 VERSION = (1, 0)
@@ -22,6 +26,9 @@ MAX_METADATA_BYTES = 16 << 20
 MAX_CHUNKS = 1024
 MAX_PARAMS_BYTES = 1 << 20
 MAX_CHANNELS = 64
+#: The modes a file may declare, i.e. what a reader decodes to (FORMAT.md, Modes).
+MODES = frozenset({"RGB", "L", "RGBA", "LA", "1"})
+ALPHA_MODES = frozenset({"RGBA", "LA"})
 
 #: Metadata chunk type -> the Pillow ``info`` key it carries.
 METADATA_CHUNKS = {b"eXIf": "exif", b"iCCP": "icc_profile", b"xMPd": "xmp"}
@@ -107,6 +114,8 @@ class Header:
     def check_limits(self) -> None:
         """Refuse shapes and lengths the format does not allow (FORMAT.md, Limits)."""
         check_size(self.width, self.height)
+        if self.mode not in MODES:
+            raise FormatError(f"SDL header declares unsupported image mode {self.mode!r}")
         channels, lat_h, lat_w = self.latent_shape
         if not 1 <= channels <= MAX_CHANNELS:
             raise FormatError(f"latent channel count {channels} out of range")
@@ -132,6 +141,28 @@ class Layout:
 def check_size(width: int, height: int) -> None:
     if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
         raise FormatError(f"image size {width}x{height} out of range (1..{MAX_SIDE} a side)")
+
+
+def check_pixel_limit(width: int, height: int, *, warn: bool = True) -> None:
+    """Pillow's decompression-bomb rule on ``Image.MAX_IMAGE_PIXELS``, for decode paths that skip ``Image.open``.
+
+    ``Image.open`` applies it itself after ``_open``; a directly constructed
+    image file, ``decode_file`` and ``read_latent`` come through here instead.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None:
+        return
+    pixels = width * height
+    if pixels > 2 * limit:
+        raise Image.DecompressionBombError(
+            f"Image size ({pixels} pixels) exceeds limit of {2 * limit} pixels, "
+            "could be decompression bomb DOS attack."
+        )
+    if warn and pixels > limit:
+        warnings.warn(
+            f"Image size ({pixels} pixels) exceeds limit of {limit} pixels, could be decompression bomb DOS attack.",
+            Image.DecompressionBombWarning, stacklevel=3,
+        )
 
 
 def latent_size(width: int, height: int) -> tuple[int, int]:
@@ -218,6 +249,8 @@ def _read_body(fp: IO[bytes], layout: Layout) -> None:
                 return
             raise DamagedFileError("SDL file truncated before its payload")
         length, chunk_type = struct.unpack(">I4s", head)
+        if not chunk_type.isalpha():  # bytes.isalpha: ASCII letters only
+            raise DamagedFileError(f"invalid chunk type {chunk_type!r}")
         if chunk_type in seen and chunk_type in (HEADER, ALPHA, PAYLOAD, END, *METADATA_CHUNKS):
             raise DamagedFileError(f"duplicate {chunk_type!r} chunk")
         if chunk_type == HEADER:
@@ -237,8 +270,15 @@ def _read_body(fp: IO[bytes], layout: Layout) -> None:
         if chunk_type == END:
             if PAYLOAD not in seen:
                 raise DamagedFileError("SDL file has no payload")
-            if layout.header.mode in ("RGBA", "LA") and layout.alpha is None:
+            if layout.header.mode in ALPHA_MODES and layout.alpha is None:
                 raise DamagedFileError("SDL file lacks the alpha plane its mode needs")
+            if length != 0:
+                raise DamagedFileError("SEND chunk is not empty")
+            crc = fp.read(4)
+            if len(crc) < 4:
+                layout.complete = False
+            elif struct.unpack(">I", crc)[0] != zlib.crc32(END):
+                raise DamagedFileError("CRC mismatch in 'SEND' chunk")
             return
         if is_critical(chunk_type) and chunk_type != ALPHA:
             raise DamagedFileError(
@@ -249,7 +289,7 @@ def _read_body(fp: IO[bytes], layout: Layout) -> None:
             raise DamagedFileError("ALPH chunk after the payload")
         if length > MAX_METADATA_BYTES:
             raise DamagedFileError(f"{chunk_type!r} chunk larger than {MAX_METADATA_BYTES} bytes")
-        data = fp.read(length)
+        data = _read_upto(fp, length)
         crc = fp.read(4)
         if len(data) < length or len(crc) < 4:
             if PAYLOAD in seen:
@@ -259,7 +299,7 @@ def _read_body(fp: IO[bytes], layout: Layout) -> None:
         if struct.unpack(">I", crc)[0] != zlib.crc32(chunk_type + data):
             raise DamagedFileError(f"CRC mismatch in {chunk_type!r} chunk")
         if chunk_type == ALPHA:
-            if layout.header.mode not in ("RGBA", "LA"):
+            if layout.header.mode not in ALPHA_MODES:
                 raise DamagedFileError(f"ALPH chunk in a {layout.header.mode} image")
             layout.alpha = data
         elif chunk_type in METADATA_CHUNKS:
@@ -275,7 +315,7 @@ def read_payload(fp: IO[bytes], layout: Layout) -> bytes:
     """
     length = layout.header.payload_length
     fp.seek(layout.payload_offset)
-    data = fp.read(length)
+    data = _read_upto(fp, length)
     crc = fp.read(4)
     if len(data) < length or len(crc) < 4:
         raise TruncatedPayloadError(
@@ -299,11 +339,23 @@ def _read_chunk(fp: IO[bytes], limit: int, error: type[Exception]) -> tuple[byte
     length, chunk_type = struct.unpack(">I4s", head)
     if length > limit:
         raise error(f"{chunk_type!r} chunk of {length} bytes exceeds the limit of {limit}")
-    data = fp.read(length)
+    data = _read_upto(fp, length)
     crc = fp.read(4)
     if len(data) < length or len(crc) < 4:
         raise error(f"truncated {chunk_type!r} chunk")
     return chunk_type, data, struct.unpack(">I", crc)[0] == zlib.crc32(chunk_type + data)
+
+
+def _read_upto(fp: IO[bytes], size: int) -> bytes:
+    """At most ``size`` bytes, never asking for more than the file holds.
+
+    A buffered file's ``read(n)`` allocates ``n`` bytes before it looks, so a
+    lying length field must not get that far.
+    """
+    here = fp.tell()
+    end = fp.seek(0, io.SEEK_END)
+    fp.seek(here)
+    return fp.read(max(0, min(size, end - here)))
 
 
 def _str8(text: str) -> bytes:

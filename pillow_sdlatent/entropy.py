@@ -43,15 +43,27 @@ class ZstdCoder:
         if params not in (b"\x01", b"\x02"):
             raise ValueError("bad zstd coder parameters")
         width = params[0]
-        expected = int(np.prod(shape)) * width
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
-        except zstandard.ZstdError as exc:
-            raise ValueError(f"damaged zstd payload: {exc}") from None
-        if len(raw) != expected:
-            raise ValueError("zstd payload does not hold the latent the header describes")
+        raw = zstd_decompress_exact(payload, int(np.prod(shape)) * width)
         dtype = np.dtype("i1") if width == 1 else np.dtype("<i2")
         return np.frombuffer(raw, dtype=dtype).astype(np.int32).reshape(shape)
+
+
+def zstd_decompress_exact(frame: bytes, size: int) -> bytes:
+    """One zstd frame that must hold exactly ``size`` bytes; ``ValueError`` otherwise.
+
+    The content size a frame declares is checked first: python-zstandard's
+    ``decompress`` allocates that much even past ``max_output_size``.
+    """
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if declared not in (-1, size):
+            raise ValueError(f"zstd frame holds {declared} bytes, not the {size} expected")
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"damaged zstd frame: {exc}") from None
+    if len(raw) != size:
+        raise ValueError(f"zstd frame holds {len(raw)} bytes, not the {size} expected")
+    return raw
 
 
 CODERS: dict[str, EntropyCoder] = {ZstdCoder.name: ZstdCoder()}

@@ -17,7 +17,10 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     import torch
@@ -132,6 +135,101 @@ class LatentModel:
                 config = self.module.config
                 z = z / config.scaling_factor + (config.shift_factor or 0.0)
             return self.module.decode(z).sample.float().clamp(-1, 1).cpu()
+
+
+    def encode_image(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8, H and W multiples of 8 -> (C, H/8, W/8) float32 latent; tiled when large."""
+        height, width = rgb.shape[:2]
+
+        def encode_tiles(batch: list[np.ndarray]) -> list[np.ndarray]:
+            pixels = _to_pixels(np.stack(batch))
+            return list(self.encode(pixels).numpy())
+
+        return _blend_tiles(rgb, (height // 8, width // 8), TILE_PIXELS, OVERLAP_PIXELS, 1 / 8, encode_tiles,
+                            self.spec.channels, self.tile_batch)
+
+    def decode_image(self, latent: np.ndarray) -> np.ndarray:
+        """(C, h, w) float32 latent -> (8h, 8w, 3) uint8; tiled with blended seams when large."""
+        import torch
+
+        channels, lat_h, lat_w = latent.shape
+
+        def decode_tiles(batch: list[np.ndarray]) -> list[np.ndarray]:
+            pixels = self.decode(torch.from_numpy(np.stack(batch)))
+            return list(((pixels + 1) * 127.5).permute(0, 2, 3, 1).numpy())
+
+        moved = np.moveaxis(latent, 0, -1)  # tiles are cut along the two leading axes
+        blended = _blend_tiles(moved, (lat_h * 8, lat_w * 8), TILE_PIXELS // 8, OVERLAP_PIXELS // 8, 8,
+                               lambda batch: decode_tiles([np.moveaxis(t, -1, 0) for t in batch]), 3,
+                               self.tile_batch, channels_last=True)
+        return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+    @property
+    def tile_batch(self) -> int:
+        """Tiles per forward pass: several on a GPU, one on a CPU where batching does not pay."""
+        return 1 if self.device == "cpu" else 4
+
+
+#: Images above this many pixels are coded in overlapping tiles so memory stays bounded.
+TILED_ABOVE_PIXELS = 1024 * 1024
+TILE_PIXELS = 512
+OVERLAP_PIXELS = 64
+
+
+def _to_pixels(rgb: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering ``length``; the last tile is flush with the end, so all are full size."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    return [*starts, length - tile]
+
+
+def _ramp(length: int, start: int, total: int, overlap: int) -> np.ndarray:
+    """Blend weights along one axis: rising over the overlap, flat at the image's own borders."""
+    index = np.arange(length, dtype=np.float32) + 0.5
+    rise = np.minimum(1.0, index / overlap) if start > 0 else np.ones(length, np.float32)
+    fall = np.minimum(1.0, (length - index) / overlap) if start + length < total else np.ones(length, np.float32)
+    return np.minimum(rise, fall).astype(np.float32)
+
+
+def _blend_tiles(source: np.ndarray, out_size: tuple[int, int], tile: int, overlap: int, scale: float,
+                 run: Callable[[list[np.ndarray]], list[np.ndarray]], out_channels: int, batch: int,
+                 channels_last: bool = False) -> np.ndarray:
+    """Run ``run`` on overlapping tiles of ``source`` (H, W, ...) and blend the outputs.
+
+    ``scale`` maps source coordinates to output ones (8 to encode, 1/8 to decode).
+    Output is (C, H', W') unless ``channels_last``. Small inputs go through in one piece.
+    """
+    height, width = source.shape[:2]
+    out_h, out_w = out_size
+    if height * width * (64 if scale > 1 else 1) <= TILED_ABOVE_PIXELS:
+        (whole,) = run([source])
+        return whole
+    shape = (out_h, out_w, out_channels) if channels_last else (out_channels, out_h, out_w)
+    total = np.zeros(shape, np.float32)
+    weight = np.zeros((out_h, out_w), np.float32)
+    boxes = [(y, x) for y in _tile_starts(height, tile, overlap) for x in _tile_starts(width, tile, overlap)]
+    for first in range(0, len(boxes), batch):
+        chunk = boxes[first : first + batch]
+        outputs = run([source[y : y + tile, x : x + tile] for y, x in chunk])
+        for (y, x), out in zip(chunk, outputs):
+            oy, ox = int(y * scale), int(x * scale)
+            th, tw = (out.shape[:2] if channels_last else out.shape[1:])
+            w2d = np.outer(_ramp(th, oy, out_h, int(overlap * scale)), _ramp(tw, ox, out_w, int(overlap * scale)))
+            weight[oy : oy + th, ox : ox + tw] += w2d
+            if channels_last:
+                total[oy : oy + th, ox : ox + tw] += out * w2d[..., None]
+            else:
+                total[:, oy : oy + th, ox : ox + tw] += out * w2d
+    return total / (weight[..., None] if channels_last else weight)
 
 
 def decoder_digest(state_dict: dict[str, torch.Tensor], family: str) -> bytes:
