@@ -51,6 +51,7 @@ class SdlImageFile(ImageFile.ImageFile):
             "coder": header.coder,
         }
         self.decode_options: dict[str, Any] = {}
+        self.preview = False
         self.tile = [ImageFile._Tile(FORMAT, (0, 0, *self._size), 0, (self,))]
 
     def load_prepare(self) -> None:
@@ -61,6 +62,35 @@ class SdlImageFile(ImageFile.ImageFile):
         """
         container.check_pixel_limit(*self.size, warn=False)
         super().load_prepare()
+
+    def draft(self, mode: str | None, size: tuple[int, int] | None) -> tuple[str, tuple[int, int, int, int]] | None:
+        """At 1/8 scale or smaller, decode a preview straight from the latent, without the decoder.
+
+        As JPEG's draft: the image becomes the smallest size Pillow can make
+        cheaply that is still at least ``size``; ``thumbnail()`` calls this.
+        """
+        if not self.tile or size is None or self.preview:
+            return None
+        header = self.layout.header
+        small = container.latent_size(header.width, header.height)
+        if size[0] > small[0] or size[1] > small[1]:
+            return None
+        self.preview = True
+        self._size = small
+        self.tile = [ImageFile._Tile(FORMAT, (0, 0, *small), 0, (self,))]
+        return self.mode, (0, 0, header.width, header.height)
+
+    def thumbnail(self, size: tuple[float, float], resample: Image.Resampling = Image.Resampling.BICUBIC,
+                  reducing_gap: float | None = 2.0) -> None:
+        """A thumbnail at 1/8 scale or smaller starts from the latent preview, without the decoder.
+
+        (Pillow's own ``thumbnail`` asks ``draft`` for ``reducing_gap`` times the
+        size, which would rule out the 1/8 preview for thumbnails between 1/16 and 1/8.)
+        """
+        header = self.layout.header
+        if self.tile and min(size[0] / header.width, size[1] / header.height) <= 1 / container.LATENT_FACTOR:
+            self.draft(None, container.latent_size(header.width, header.height))
+        super().thumbnail(size, resample, reducing_gap)
 
     @property
     def n_frames(self) -> int:
@@ -88,10 +118,13 @@ class _SdlDecoder(ImageFile.PyDecoder):
 
         image_file: SdlImageFile = self.args[0]
         assert self.fd is not None
-        decoded = codec.decode_layout(
-            self.fd, image_file.layout,
-            allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES, **image_file.decode_options,
-        )
+        truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
+        if image_file.preview:
+            decoded = codec.preview_layout(self.fd, image_file.layout, allow_truncated=truncated_ok)
+        else:
+            decoded = codec.decode_layout(
+                self.fd, image_file.layout, allow_truncated=truncated_ok, **image_file.decode_options
+            )
         self.set_as_raw(decoded.tobytes(), decoded.mode)
         return -1, 0
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -20,55 +20,67 @@ def _output_path(source: Path, out_dir: Path | None, suffix: str) -> Path:
     return (out_dir or source.parent) / (source.stem + suffix)
 
 
-def _progress(items: Sequence[Path], desc: str) -> Iterable[Path]:
-    if len(items) < 2:
-        return items
+def _run_all(items: Sequence[Path], desc: str, work: Callable[[list[Path]], None], batch: int = 1) -> int:
+    """Apply ``work`` to the files ``batch`` at a time, with a progress bar; exit status 1 if any failed."""
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="file")
-
-
-def _run_all(items: Sequence[Path], desc: str, work: Callable[[Path], None]) -> int:
-    """Apply ``work`` to every file; report failures and keep going; exit status 1 if any failed."""
     failures = 0
-    for path in _progress(items, desc):
-        try:
-            work(path)
-        except (OSError, SyntaxError, ValueError) as exc:
-            failures += 1
-            print(f"sdl: {path}: {exc}", file=sys.stderr)
+    with tqdm(total=len(items), desc=desc, unit="file", disable=len(items) < 2) as bar:
+        for first in range(0, len(items), batch):
+            chunk = list(items[first : first + batch])
+            failures += _attempt(work, chunk)
+            bar.update(len(chunk))
     return 1 if failures else 0
 
 
+def _attempt(work: Callable[[list[Path]], None], chunk: list[Path]) -> int:
+    """Run one batch; if it fails, retry its files one by one so a bad file spoils only itself."""
+    try:
+        work(chunk)
+    except (OSError, SyntaxError, ValueError) as exc:
+        if len(chunk) > 1:
+            return sum(_attempt(work, [path]) for path in chunk)
+        print(f"sdl: {chunk[0]}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
-    from .codec import encode_image
+    from .codec import encode_images
 
-    options = {"quality": args.quality, "model": args.model, "device": args.device, "weights": args.weights}
+    options = {"quality": args.quality, "bpp": args.bpp, "max_bytes": args.max_bytes, "effort": args.effort,
+               "model": args.model, "device": args.device, "weights": args.weights}
 
-    def encode_one(source: Path) -> None:
-        with Image.open(source) as image:
-            data = encode_image(image, options)
-        atomic_write(Path(args.output) if args.output else _output_path(source, args.out_dir, ".sdl"), data)
+    def encode_batch(sources: list[Path]) -> None:
+        images = []
+        for source in sources:
+            with Image.open(source) as image:
+                image.load()
+                images.append(image)
+        for source, data in zip(sources, encode_images(images, options)):
+            atomic_write(Path(args.output) if args.output else _output_path(source, args.out_dir, ".sdl"), data)
 
-    return _run_all(args.inputs, "encode", encode_one)
+    return _run_all(args.inputs, "encode", encode_batch, args.batch)
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .codec import decode_file
+    from .codec import decode_files
 
-    def decode_one(source: Path) -> None:
-        image = decode_file(source, model=args.model, device=args.device, weights=args.weights)
-        target = Path(args.output) if args.output else _output_path(source, args.out_dir, f".{args.format}")
-        with tempfile.SpooledTemporaryFile() as buffer:
-            image.save(buffer, format=Image.registered_extensions().get(f".{args.format}", args.format))
-            buffer.seek(0)
-            atomic_write(target, buffer.read())
+    def decode_batch(sources: list[Path]) -> None:
+        images = decode_files(sources, model=args.model, device=args.device, weights=args.weights)
+        for source, image in zip(sources, images):
+            target = Path(args.output) if args.output else _output_path(source, args.out_dir, f".{args.format}")
+            with tempfile.SpooledTemporaryFile() as buffer:
+                image.save(buffer, format=Image.registered_extensions().get(f".{args.format}", args.format))
+                buffer.seek(0)
+                atomic_write(target, buffer.read())
 
-    return _run_all(args.inputs, "decode", decode_one)
+    return _run_all(args.inputs, "decode", decode_batch, args.batch)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    def info_one(path: Path) -> None:
+    def info(paths: list[Path]) -> None:
+        (path,) = paths
         with open(path, "rb") as fp:
             layout = container.read_layout(fp)
         header = layout.header
@@ -85,7 +97,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not layout.complete:
             print("  WARNING: file is truncated")
 
-    return _run_all(args.inputs, "info", info_one)
+    return _run_all(args.inputs, "info", info)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,10 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--weights", help="a folder or .safetensors file holding the model's weights")
         sub.add_argument("-o", "--output", help="output file (one input only)")
         sub.add_argument("--out-dir", type=Path, help="write outputs here instead of beside the inputs")
+        sub.add_argument("--batch", type=int, default=8, help="images per model batch (default: %(default)s)")
 
     encode = commands.add_parser("encode", help="compress images to .sdl")
     encode.add_argument("inputs", nargs="+", type=Path)
-    encode.add_argument("-q", "--quality", type=int, default=DEFAULT_QUALITY, help="1..100 (default: %(default)s)")
+    rate = encode.add_mutually_exclusive_group()
+    rate.add_argument("-q", "--quality", type=int, help=f"1..100 (default: {DEFAULT_QUALITY})")
+    rate.add_argument("--bpp", type=float, help="target bits per pixel (the file lands within 3%% under)")
+    rate.add_argument("--max-bytes", type=int, help="largest file size in bytes")
+    encode.add_argument("--effort", type=int, default=0, help="0 (fast) .. 3: time spent refining the latent")
     model_options(encode, "taesd")
     encode.set_defaults(run=cmd_encode)
 

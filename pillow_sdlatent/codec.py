@@ -6,6 +6,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -119,8 +120,48 @@ def metadata_from(image: Image.Image, info: dict[str, Any]) -> dict[str, bytes]:
     return metadata
 
 
-def encode_image(image: Image.Image, info: dict[str, Any] | None = None) -> bytes:
-    """A whole ``.sdl`` file for ``image``; ``info`` holds the save options."""
+@dataclass
+class _EncodeJob:
+    """One image on its way to bytes: everything but the latent, which may come from a batch."""
+
+    image: Image.Image
+    options: EncodeOptions
+    metadata: dict[str, bytes]
+    stored_mode: str
+    alpha: bytes | None
+    rgb: np.ndarray
+    model: Any
+
+    def file_for(self, latent: np.ndarray, step: float) -> bytes:
+        quantizer = quantize.UniformQuantizer.with_step(step, latent.shape[0])
+        symbols = quantizer.quantize(latent)
+        coder = entropy.get_coder(entropy.DEFAULT_CODER)
+        coder_params, payload = coder.encode(symbols)
+        header = Header(
+            width=self.image.width, height=self.image.height, original_mode=self.image.mode,
+            mode=self.stored_mode, model=self.options.model, decoder_digest=self.model.decoder_digest,
+            latent_shape=symbols.shape, quantizer=quantizer.name, quantizer_params=quantizer.to_params(),
+            coder=coder.name, coder_params=coder_params, payload_length=len(payload),
+        )
+        return container.serialize(header, payload, self.metadata, self.alpha)
+
+    def finish(self, latent: np.ndarray) -> bytes:
+        """Choose the step (quality or rate control), spend the effort, serialize."""
+        options, model, rgb = self.options, self.model, self.rgb
+        target = rate_target(options, self.image.width, self.image.height)
+        if target is None:
+            step = quantize.step_for_quality(options.quality or quantize.DEFAULT_QUALITY)
+            return self.file_for(refine.refine_latent(model, latent, rgb, step, options.effort), step)
+        data = fit_rate(lambda step: self.file_for(latent, step), target)
+        if options.effort:
+            step = quantize.UniformQuantizer.from_params(_quantizer_params(data), latent.shape[0]).steps[0]
+            latent = refine.refine_latent(model, latent, rgb, step, options.effort)
+            data = fit_rate(lambda step: self.file_for(latent, step), target)
+        return data
+
+
+def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
+    """Validate options and image, load the model: everything that can fail does so before the encoder runs."""
     info = dict(info or {})
     options = EncodeOptions.from_info(info)
     metadata = metadata_from(image, info)
@@ -138,32 +179,75 @@ def encode_image(image: Image.Image, info: dict[str, Any] | None = None) -> byte
     from .models import load_model
 
     model = load_model(options.model, weights=options.weights, device=options.device)
-    rgb = padded_rgb(work)
-    latent = model.encode_image(rgb)
+    return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model)
 
-    def file_for(latent: np.ndarray, step: float) -> bytes:
-        quantizer = quantize.UniformQuantizer.with_step(step, latent.shape[0])
-        symbols = quantizer.quantize(latent)
-        coder = entropy.get_coder(entropy.DEFAULT_CODER)
-        coder_params, payload = coder.encode(symbols)
-        header = Header(
-            width=width, height=height, original_mode=image.mode, mode=stored_mode,
-            model=options.model, decoder_digest=model.decoder_digest, latent_shape=symbols.shape,
-            quantizer=quantizer.name, quantizer_params=quantizer.to_params(),
-            coder=coder.name, coder_params=coder_params, payload_length=len(payload),
-        )
-        return container.serialize(header, payload, metadata, alpha)
 
-    target = rate_target(options, width, height)
-    if target is None:
-        step = quantize.step_for_quality(options.quality or quantize.DEFAULT_QUALITY)
-        return file_for(refine.refine_latent(model, latent, rgb, step, options.effort), step)
-    data = fit_rate(lambda step: file_for(latent, step), target)
-    if options.effort:
-        step = quantize.UniformQuantizer.from_params(_quantizer_params(data), latent.shape[0]).steps[0]
-        latent = refine.refine_latent(model, latent, rgb, step, options.effort)
-        data = fit_rate(lambda step: file_for(latent, step), target)
-    return data
+def encode_image(image: Image.Image, info: dict[str, Any] | None = None) -> bytes:
+    """A whole ``.sdl`` file for ``image``; ``info`` holds the save options."""
+    job = _prepare(image, info)
+    return job.finish(job.model.encode_image(job.rgb))
+
+
+def encode_images(images: Sequence[Image.Image], info: dict[str, Any] | None = None, *,
+                  batch_size: int | None = None, progress: bool = False) -> list[bytes]:
+    """Many files with each model loaded once and same-sized images encoded together in device batches."""
+    jobs = [_prepare(image, info) for image in images]
+    latents: dict[int, np.ndarray] = {}
+    groups: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault((id(job.model), job.rgb.shape), []).append(index)
+    bar = _progress_bar(len(jobs), "encode", progress)
+    results: list[bytes | None] = [None] * len(jobs)
+    for indices in groups.values():
+        model = jobs[indices[0]].model
+        size = batch_size or model.tile_batch
+        for first in range(0, len(indices), size):
+            chunk = indices[first : first + size]
+            for index, latent in zip(chunk, model.encode_images([jobs[i].rgb for i in chunk])):
+                latents[index] = latent
+            for index in chunk:
+                results[index] = jobs[index].finish(latents.pop(index))
+                bar.update(1)
+    bar.close()
+    return [data for data in results if data is not None]
+
+
+def decode_files(sources: Sequence[str | os.PathLike | IO[bytes] | bytes], *, batch_size: int | None = None,
+                 progress: bool = False, **decoder_options: Any) -> list[Image.Image]:
+    """Decode many files with each model loaded once and same-shaped latents decoded together."""
+    prepared = []
+    for source in sources:
+        with _open_binary(source) as fp:
+            layout = container.read_layout(fp)
+            container.check_pixel_limit(layout.header.width, layout.header.height)
+            latent = latent_from_layout(fp, layout)
+            alpha = alpha_plane(layout) if layout.header.mode in container.ALPHA_MODES else None
+        prepared.append((layout, latent, alpha, decoder_for(layout, **decoder_options)))
+    groups: dict[tuple, list[int]] = {}
+    for index, (_, latent, _, decoder) in enumerate(prepared):
+        groups.setdefault((id(decoder), latent.shape), []).append(index)
+    bar = _progress_bar(len(prepared), "decode", progress)
+    results: list[Image.Image | None] = [None] * len(prepared)
+    for indices in groups.values():
+        decoder = prepared[indices[0]][3]
+        size = batch_size or decoder.tile_batch
+        for first in range(0, len(indices), size):
+            chunk = indices[first : first + size]
+            for index, rgb in zip(chunk, decoder.decode_images([prepared[i][1] for i in chunk])):
+                layout, _, alpha, _ = prepared[index]
+                header = layout.header
+                image = Image.fromarray(np.ascontiguousarray(rgb[: header.height, : header.width]), "RGB")
+                results[index] = finish_mode(image, layout, alpha)
+                results[index].info.update(layout.metadata)
+                bar.update(1)
+    bar.close()
+    return [image for image in results if image is not None]
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="image", disable=not enabled or total < 2)
 
 
 def rate_target(options: EncodeOptions, width: int, height: int) -> int | None:
@@ -333,8 +417,47 @@ def decode_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = Fals
     return finish_mode(rgb, layout, alpha)
 
 
-def finish_mode(rgb: Image.Image, layout: Layout, alpha: bytes | None) -> Image.Image:
-    """Turn the decoded colour into the header's mode, restoring alpha (``alpha_plane``'s bytes) losslessly."""
+def preview_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = False) -> Image.Image:
+    """A 1/8-scale image (one pixel a latent cell) straight from the latent: no decoder, no torch.
+
+    A linear latent -> RGB map fitted on training photos (training/fit_preview.py).
+    """
+    header = layout.header
+    latent = latent_from_layout(fp, layout, allow_truncated)
+    alpha = alpha_plane(layout) if header.mode in container.ALPHA_MODES else None
+    matrix, bias = preview_map(header.model, header.latent_shape[0])
+    rgb = preview_features(latent) @ matrix.T + bias
+    preview = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    return finish_mode(preview, layout, alpha, scale=container.LATENT_FACTOR)
+
+
+def preview_features(latent: np.ndarray) -> np.ndarray:
+    """(C, H, W) latent -> (H, W, 9C): each cell with its 3x3 neighbourhood (edges replicated)."""
+    channels, height, width = latent.shape
+    padded = np.pad(latent, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    shifted = [padded[:, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)]
+    return np.concatenate(shifted, axis=0).transpose(1, 2, 0)
+
+
+def preview_map(model: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted (3, 9C) filter and (3,) bias for a model's latent space."""
+    import json
+    from importlib import resources
+
+    maps = json.loads(resources.files(__package__).joinpath("weights/preview_maps.json").read_text())
+    if model not in maps:
+        raise DamagedFileError(f"no preview map for model {model!r}")
+    matrix = np.asarray(maps[model]["matrix"], dtype=np.float32)
+    if matrix.shape != (3, 9 * channels):
+        raise DamagedFileError(f"preview map for {model!r} does not fit a {channels}-channel latent")
+    return matrix, np.asarray(maps[model]["bias"], dtype=np.float32)
+
+
+def finish_mode(rgb: Image.Image, layout: Layout, alpha: bytes | None, scale: int = 1) -> Image.Image:
+    """Turn the decoded colour into the header's mode, restoring alpha (``alpha_plane``'s bytes).
+
+    Alpha is exact at ``scale`` 1 and box-averaged for a 1/``scale`` preview.
+    """
     mode = layout.header.mode
     if mode == "RGB":
         return rgb
@@ -344,7 +467,9 @@ def finish_mode(rgb: Image.Image, layout: Layout, alpha: bytes | None) -> Image.
     if mode == "1":
         return grey.convert("1", dither=Image.Dither.NONE)
     assert alpha is not None, "alpha modes always come with their plane"
-    plane = Image.frombytes("L", rgb.size, alpha)
+    plane = Image.frombytes("L", (layout.header.width, layout.header.height), alpha)
+    if scale > 1:
+        plane = plane.reduce(scale)
     base = grey if mode == "LA" else rgb
     return Image.merge(mode, (*base.split(), plane))
 

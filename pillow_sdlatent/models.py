@@ -156,13 +156,28 @@ class LatentModel:
 
         def decode_tiles(batch: list[np.ndarray]) -> list[np.ndarray]:
             pixels = self.decode(torch.from_numpy(np.stack(batch)))
-            return list(((pixels + 1) * 127.5).permute(0, 2, 3, 1).numpy())
+            return list(((pixels + 1) * 127.5).permute(0, 2, 3, 1).numpy())  # blended before rounding
 
         moved = np.moveaxis(latent, 0, -1)  # tiles are cut along the two leading axes
         blended = _blend_tiles(moved, (lat_h * 8, lat_w * 8), TILE_PIXELS // 8, OVERLAP_PIXELS // 8, 8,
                                lambda batch: decode_tiles([np.moveaxis(t, -1, 0) for t in batch]), 3,
                                self.tile_batch, channels_last=True)
         return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+    def encode_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """``encode_image`` for same-shaped images, in one forward pass when they are untiled."""
+        if len(images) == 1 or images[0].shape[0] * images[0].shape[1] > TILED_ABOVE_PIXELS:
+            return [self.encode_image(rgb) for rgb in images]
+        return list(self.encode(_to_pixels(np.stack(images))).numpy())
+
+    def decode_images(self, latents: list[np.ndarray]) -> list[np.ndarray]:
+        """``decode_image`` for same-shaped latents, in one forward pass when they are untiled."""
+        import torch
+
+        if len(latents) == 1 or latents[0].shape[1] * latents[0].shape[2] * 64 > TILED_ABOVE_PIXELS:
+            return [self.decode_image(latent) for latent in latents]
+        pixels = self.decode(torch.from_numpy(np.stack(latents)))
+        return list(_to_uint8(pixels.permute(0, 2, 3, 1).numpy()))
 
     @property
     def tile_batch(self) -> int:
@@ -181,6 +196,11 @@ def _to_pixels(rgb: np.ndarray) -> torch.Tensor:
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8 levels."""
+    return np.clip(np.rint((pixels + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:

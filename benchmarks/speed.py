@@ -1,0 +1,237 @@
+"""Speed and memory of the codec's networks, against a matrix-product ceiling measured in the same run.
+
+    PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/speed.py [--device cpu|cuda] [--large]
+
+For TAESD (real weights) and the full SD VAE (random weights of sd-vae-ft-mse's shape: the FLOPs and the
+time do not depend on the values) it prints, per phase: ms per megapixel, GFLOP counted by
+torch.utils.flop_counter, achieved GFLOP/s and its share of the measured float32 (CPU) or half-precision
+(GPU) matrix-product ceiling, and peak memory (each measurement in a fresh process: peak RSS on the CPU,
+peak allocated on CUDA). ``plain`` is diffusers as it comes; ``codec`` is what pillow_sdlatent runs.
+``--large`` adds the bounded-memory checks: a 24-megapixel round trip's peak memory, the tiled-vs-untiled
+PSNR, and the 1/8-scale preview's time and PSNR. Writes benchmarks/results/speed_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+KODAK = HERE.parent.parent / "shared" / "data" / "kodak"
+WIDTH, HEIGHT = 768, 512
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Any, device: str, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_ceiling(device: str, size: int = 2048) -> float:
+    """GFLOP/s of a large square matrix product: float32 on the CPU, float16 on a GPU."""
+    import torch
+
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = _timed(lambda: torch.mm(a, b), device, 5)
+    return 2 * size**3 / seconds / 1e9
+
+
+def sd_vae_random() -> Any:
+    """An AutoencoderKL with sd-vae-ft-mse's architecture and random weights."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+        norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+    )
+
+
+def measure(job: dict[str, Any]) -> dict[str, Any]:
+    """One (model, variant, phase) measurement; runs in a fresh process so peak memory is its own."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pillow_sdlatent import models
+
+    device, variant, phase = job["device"], job["variant"], job["phase"]
+    if job["model"] == "sd-vae":
+        module, spec = sd_vae_random(), models.get_spec("sd-vae")
+    else:
+        spec = models.get_spec(job["model"])
+        module = models._build_module(spec, None, os.environ.get(models.MODELS_ENV, ""))
+    if variant == "plain":
+        module = module.to(device).eval()
+        encode = lambda x: module.encode(x)  # noqa: E731
+        decode = lambda z: module.decode(z)  # noqa: E731
+        dtype = torch.float32
+        context = torch.no_grad
+    else:
+        model = models.LatentModel(spec, module, device, models.default_dtype(device))
+        encode, decode, dtype, context = model.encode, model.decode, model.dtype, torch.inference_mode
+    pixels = torch.rand(1, 3, HEIGHT, WIDTH, device=device) * 2 - 1
+    latent = torch.randn(1, spec.channels, HEIGHT // 8, WIDTH // 8, device=device)
+    run = (lambda: encode(pixels.to(dtype))) if phase == "encode" else (lambda: decode(latent.to(dtype)))
+    with context():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run()
+        flops = counter.get_total_flops()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        seconds = _timed(run, device, job["repeats"])
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {**job, "seconds": seconds, "ms_per_mp": seconds * 1e3 / (WIDTH * HEIGHT / 1e6),
+            "gflop": flops / 1e9, "gflops": flops / seconds / 1e9, "peak_mib": peak / 2**20}
+
+
+def large_checks(device: str) -> dict[str, Any]:
+    """24-MP round trip peak memory, tiled vs untiled PSNR, and the preview's time and PSNR."""
+    import io
+
+    from PIL import Image
+
+    import pillow_sdlatent  # noqa: F401
+    from pillow_sdlatent import codec, models
+
+    with Image.open(KODAK / "kodim23.png") as photo:
+        photo = photo.convert("RGB")
+    results: dict[str, Any] = {}
+
+    model = models.load_model("taesd", device=device)
+    medium = np.asarray(photo.resize((1536, 1024), Image.Resampling.LANCZOS))
+    untiled_limit = models.TILED_ABOVE_PIXELS
+    models.TILED_ABOVE_PIXELS = 1 << 40
+    latent = model.encode_image(medium)
+    whole = model.decode_image(latent)
+    models.TILED_ABOVE_PIXELS = 1
+    tiled = model.decode_image(model.encode_image(medium))
+    models.TILED_ABOVE_PIXELS = untiled_limit
+    results["tile_seam_psnr_db"] = _psnr(whole, tiled)
+    results["quantization_psnr_db"] = _psnr(medium, whole)
+
+    buffer = io.BytesIO()
+    photo.save(buffer, format="SDL")
+    start = time.perf_counter()
+    with Image.open(io.BytesIO(buffer.getvalue())) as preview:
+        preview.draft("RGB", (WIDTH // 8, HEIGHT // 8))
+        preview.load()
+    results["preview_ms"] = (time.perf_counter() - start) * 1e3
+    full = codec.decode_file(buffer.getvalue())
+    results["preview_psnr_db"] = _psnr(np.asarray(full.reduce(8)), np.asarray(preview))
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        results.update(pool.apply(_round_trip_24mp, (device,)))
+    return results
+
+
+def _round_trip_24mp(device: str) -> dict[str, Any]:
+    import io
+
+    from PIL import Image
+
+    import pillow_sdlatent
+    from pillow_sdlatent import codec
+
+    with Image.open(KODAK / "kodim23.png") as photo:
+        big = photo.convert("RGB").resize((6000, 4000), Image.Resampling.BICUBIC)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    buffer = io.BytesIO()
+    big.save(buffer, format="SDL", device=device)
+    encoded = time.perf_counter() - start
+    image = codec.decode_file(buffer.getvalue(), device=device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert image.size == big.size and pillow_sdlatent
+    return {"24mp_peak_rss_mib": peak / 1024, "24mp_rss_before_mib": baseline / 1024,
+            "24mp_encode_s": encoded, "24mp_decode_s": time.perf_counter() - start - encoded,
+            "24mp_bytes": buffer.tell(), "24mp_psnr_db": _psnr(np.asarray(big), np.asarray(image))}
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return 10 * np.log10(255**2 / mse) if mse else float("inf")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["taesd", "sd-vae"])
+    parser.add_argument("--large", action="store_true", help="add the 24-MP, tiling and preview checks")
+    args = parser.parse_args()
+    import torch
+
+    ceiling = matmul_ceiling(args.device)
+    hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    jobs = [{"model": m, "variant": v, "phase": p, "device": args.device, "repeats": args.repeats}
+            for m in args.models for v in ("plain", "codec") for p in ("encode", "decode")]
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for job in jobs:
+        with context.Pool(1) as pool:
+            row = pool.apply(measure, (job,))
+        row["ceiling_share"] = row["gflops"] / ceiling
+        rows.append(row)
+        print(f"  measured {job['model']} {job['variant']} {job['phase']}", file=sys.stderr)
+    print(f"\n{hardware}; matrix-product ceiling {ceiling:.0f} GFLOP/s "
+          f"({'float32' if args.device == 'cpu' else 'float16'})\n")
+    print("| model | variant | phase | ms / MP | GFLOP (768x512) | GFLOP/s | of ceiling | peak MiB |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['model']} | {r['variant']} | {r['phase']} | {r['ms_per_mp']:.0f} | {r['gflop']:.0f} | "
+              f"{r['gflops']:.0f} | {r['ceiling_share']:.0%} | {r['peak_mib']:.0f} |")
+    for model in args.models:
+        trip = [r for r in rows if r["model"] == model and r["variant"] == "codec"]
+        share = sum(r["gflop"] for r in trip) / sum(r["seconds"] for r in trip) / ceiling
+        print(f"\n{model} codec round trip: {sum(r['seconds'] for r in trip):.2f} s for 768x512, "
+              f"{share:.0%} of the ceiling")
+    report = {"device": args.device, "hardware": hardware, "ceiling_gflops": ceiling, "rows": rows}
+    if args.large:
+        report["large"] = large_checks(args.device)
+        print("\n" + "\n".join(f"{k}: {v:.2f}" for k, v in report["large"].items()))
+    out = HERE / "results" / f"speed_{args.device.split(':')[0]}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {out}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Rate control, encoder effort, tiling, previews and batching."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pillow_sdlatent import codec, models
+from tests.conftest import psnr
+
+
+def encoded(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="SDL", **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def square(photo: Image.Image) -> Image.Image:
+    with Image.open(Path(__file__).resolve().parent.parent.parent / "shared/data/kodak/kodim15.png") as image:
+        return image.convert("RGB").crop((128, 0, 384, 256))
+
+
+@pytest.mark.parametrize("bpp", [0.08, 0.15, 0.3])
+def test_bpp_lands_within_3_percent_under(square: Image.Image, bpp: float) -> None:
+    data = encoded(square, bpp=bpp)
+    target = bpp * square.width * square.height / 8
+    assert 0.97 * target <= len(data) <= target
+
+
+def test_max_bytes_is_never_exceeded(square: Image.Image) -> None:
+    data = encoded(square, max_bytes=1500)
+    assert 0.97 * 1500 <= len(data) <= 1500
+    with pytest.raises(ValueError, match="cannot fit"):
+        encoded(square, max_bytes=60)
+    with pytest.raises(ValueError, match="at most one"):
+        encoded(square, max_bytes=1500, quality=50)
+
+
+def test_effort_improves_fidelity_at_the_same_quality(photo: Image.Image) -> None:
+    plain = Image.open(io.BytesIO(encoded(photo, quality=60)))
+    refined = Image.open(io.BytesIO(encoded(photo, quality=60, effort=1)))
+    gain = psnr(photo, refined) - psnr(photo, plain)
+    print(f"\neffort 1 at quality 60: {gain:+.2f} dB")
+    assert gain > 0.3
+    with pytest.raises(ValueError, match="effort"):
+        encoded(photo, effort=9)
+
+
+def test_tiles_blend_without_visible_seams(square: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = models.load_model("taesd")
+    rgb = np.asarray(square.resize((640, 384)))
+    whole = model.decode_image(model.encode_image(rgb))
+    monkeypatch.setattr(models, "TILE_PIXELS", 256)
+    monkeypatch.setattr(models, "TILED_ABOVE_PIXELS", 256 * 256)
+    tiled = model.decode_image(model.encode_image(rgb))
+    seam_psnr, codec_psnr = psnr(whole, tiled), psnr(rgb, whole)
+    print(f"\ntiled vs untiled {seam_psnr:.1f} dB; the codec itself {codec_psnr:.1f} dB")
+    assert seam_psnr >= 40 and seam_psnr > codec_psnr
+
+
+def test_draft_preview_comes_from_the_latent(photo: Image.Image, tmp_path: Path) -> None:
+    target = tmp_path / "x.sdl"
+    target.write_bytes(encoded(photo))
+    script = (
+        "import sys, pillow_sdlatent\nfrom PIL import Image\n"
+        f"im = Image.open({str(target)!r})\nim.thumbnail((24, 24))\n"
+        "print(im.size, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "(24, 16) False"
+    with Image.open(target) as preview:
+        assert preview.draft("RGB", (24, 16)) is not None
+        preview.load()
+        full = codec.decode_file(target)
+        score = psnr(full.reduce(8), preview)
+        print(f"\npreview vs 1/8 of the full decode: {score:.1f} dB")
+        assert preview.size == (24, 16) and score > 24
+    with Image.open(target) as too_big:
+        assert too_big.draft("RGB", (100, 60)) is None
+
+
+def test_batches_match_single_images(photo: Image.Image) -> None:
+    images = [photo, photo.rotate(180), photo.convert("L")]
+    singles = [encoded(image) for image in images]
+    assert codec.encode_images(images) == singles
+    batched = codec.encode_images(images, batch_size=3)
+    decoded = codec.decode_files(batched, batch_size=3)
+    for image, data, out in zip(images, singles, decoded, strict=True):
+        assert out.mode == image.mode
+        assert psnr(codec.decode_file(data), out) > 40
