@@ -38,8 +38,9 @@ def test_kodak_default_quality(kodak_files: list[Path]) -> None:
     mean_bpp, mean_psnr = float(np.mean(rates)), float(np.mean(scores))
     print(f"\nKodak, quality {DEFAULT_QUALITY}: {mean_bpp:.4f} bpp, {mean_psnr:.2f} dB PSNR "
           f"(per image bpp {min(rates):.3f}..{max(rates):.3f}, PSNR {min(scores):.1f}..{max(scores):.1f})")
-    assert 0.13 <= mean_bpp <= 0.17
-    assert mean_psnr >= 22.5
+    # measured with TAESD and the ctx1 coder: 0.150 bpp, 23.94 dB
+    assert 0.14 <= mean_bpp <= 0.16
+    assert mean_psnr >= 23.7
 
 
 def test_quality_trades_rate_for_fidelity(photo: Image.Image) -> None:
