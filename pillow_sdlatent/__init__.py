@@ -9,7 +9,7 @@ from typing import Any
 
 from .SdlImagePlugin import register
 
-__all__ = ["decode_file", "encode_image", "read_latent", "register"]
+__all__ = ["decode_file", "decode_files", "encode_image", "encode_images", "read_latent", "register"]
 __version__ = "0.1.0"
 
 register()
@@ -17,7 +17,7 @@ register()
 
 def __getattr__(name: str) -> Any:
     """Codec functions load on first use, so that importing the plugin stays cheap."""
-    if name in ("read_latent", "encode_image", "decode_file"):
+    if name in ("read_latent", "encode_image", "encode_images", "decode_file", "decode_files"):
         from . import codec
 
         return getattr(codec, name)

@@ -141,30 +141,23 @@ class LatentModel:
 
     def encode_image(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8, H and W multiples of 8 -> (C, H/8, W/8) float32 latent; tiled when large."""
-        height, width = rgb.shape[:2]
 
         def encode_tiles(batch: list[np.ndarray]) -> list[np.ndarray]:
-            pixels = _to_pixels(np.stack(batch))
-            return list(self.encode(pixels).numpy())
+            return list(self.encode(_to_pixels(np.stack(batch))).permute(0, 2, 3, 1).numpy())
 
-        return _blend_tiles(rgb, (height // 8, width // 8), TILE_PIXELS, OVERLAP_PIXELS, 1 / 8, encode_tiles,
-                            self.spec.channels, self.tile_batch)
+        latent = _blend_tiles(rgb, 1 / 8, encode_tiles, self.spec.channels, self.tile_batch)
+        return np.ascontiguousarray(np.moveaxis(latent, -1, 0))
 
     def decode_image(self, latent: np.ndarray) -> np.ndarray:
         """(C, h, w) float32 latent -> (8h, 8w, 3) uint8; tiled with blended seams when large."""
         import torch
 
-        channels, lat_h, lat_w = latent.shape
-
         def decode_tiles(batch: list[np.ndarray]) -> list[np.ndarray]:
-            pixels = self.decode(torch.from_numpy(np.stack(batch)))
+            pixels = self.decode(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2))
             return list(((pixels + 1) * 127.5).permute(0, 2, 3, 1).numpy())  # blended before rounding
 
-        moved = np.moveaxis(latent, 0, -1)  # tiles are cut along the two leading axes
-        blended = _blend_tiles(moved, (lat_h * 8, lat_w * 8), TILE_PIXELS // 8, OVERLAP_PIXELS // 8, 8,
-                               lambda batch: decode_tiles([np.moveaxis(t, -1, 0) for t in batch]), 3,
-                               self.tile_batch, channels_last=True)
-        return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        pixels = _blend_tiles(np.moveaxis(latent, 0, -1), 8, decode_tiles, 3, self.tile_batch)
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
     def encode_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """``encode_image`` for same-shaped images, in one forward pass when they are untiled."""
@@ -222,36 +215,35 @@ def _ramp(length: int, start: int, total: int, overlap: int) -> np.ndarray:
     return np.minimum(rise, fall).astype(np.float32)
 
 
-def _blend_tiles(source: np.ndarray, out_size: tuple[int, int], tile: int, overlap: int, scale: float,
-                 run: Callable[[list[np.ndarray]], list[np.ndarray]], out_channels: int, batch: int,
-                 channels_last: bool = False) -> np.ndarray:
-    """Run ``run`` on overlapping tiles of ``source`` (H, W, ...) and blend the outputs.
+def _blend_tiles(source: np.ndarray, scale: float, run: Callable[[list[np.ndarray]], list[np.ndarray]],
+                 out_channels: int, batch: int) -> np.ndarray:
+    """Run ``run`` on overlapping tiles of ``source`` (H, W, C) and blend its (h, w, C') outputs.
 
-    ``scale`` maps source coordinates to output ones (8 to encode, 1/8 to decode).
-    Output is (C, H', W') unless ``channels_last``. Small inputs go through in one piece.
+    ``scale`` maps source to output coordinates (1/8 to encode, 8 to decode).
+    Inputs of at most ``TILED_ABOVE_PIXELS`` image pixels go through in one piece.
     """
     height, width = source.shape[:2]
-    out_h, out_w = out_size
-    if height * width * (64 if scale > 1 else 1) <= TILED_ABOVE_PIXELS:
+    pixel_scale = 1 if scale < 1 else 8  # source units per image pixel, inverted
+    if height * width * pixel_scale**2 <= TILED_ABOVE_PIXELS:
         (whole,) = run([source])
         return whole
-    shape = (out_h, out_w, out_channels) if channels_last else (out_channels, out_h, out_w)
-    total = np.zeros(shape, np.float32)
-    weight = np.zeros((out_h, out_w), np.float32)
+    tile, overlap = TILE_PIXELS // pixel_scale, OVERLAP_PIXELS // pixel_scale
+    out_h, out_w = round(height * scale), round(width * scale)
+    total = np.zeros((out_h, out_w, out_channels), np.float32)
+    weight = np.zeros((out_h, out_w, 1), np.float32)
     boxes = [(y, x) for y in _tile_starts(height, tile, overlap) for x in _tile_starts(width, tile, overlap)]
     for first in range(0, len(boxes), batch):
         chunk = boxes[first : first + batch]
         outputs = run([source[y : y + tile, x : x + tile] for y, x in chunk])
-        for (y, x), out in zip(chunk, outputs):
-            oy, ox = int(y * scale), int(x * scale)
-            th, tw = (out.shape[:2] if channels_last else out.shape[1:])
-            w2d = np.outer(_ramp(th, oy, out_h, int(overlap * scale)), _ramp(tw, ox, out_w, int(overlap * scale)))
+        for (y, x), out in zip(chunk, outputs, strict=True):
+            oy, ox = round(y * scale), round(x * scale)
+            th, tw = out.shape[:2]
+            ramp_y = _ramp(th, oy, out_h, round(overlap * scale))
+            ramp_x = _ramp(tw, ox, out_w, round(overlap * scale))
+            w2d = np.outer(ramp_y, ramp_x)[..., None]
             weight[oy : oy + th, ox : ox + tw] += w2d
-            if channels_last:
-                total[oy : oy + th, ox : ox + tw] += out * w2d[..., None]
-            else:
-                total[:, oy : oy + th, ox : ox + tw] += out * w2d
-    return total / (weight[..., None] if channels_last else weight)
+            total[oy : oy + th, ox : ox + tw] += out * w2d
+    return total / weight
 
 
 def decoder_digest(state_dict: dict[str, torch.Tensor], family: str) -> bytes:
