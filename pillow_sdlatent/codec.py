@@ -54,6 +54,7 @@ class EncodeOptions:
     model: str = DEFAULT_MODEL
     model_fixed: bool = False
     effort: int = 0
+    coder: str = entropy.DEFAULT_CODER
     device: str | None = None
     weights: str | None = None
 
@@ -75,6 +76,8 @@ class EncodeOptions:
         effort = info.get("effort", 0)
         if isinstance(effort, bool) or not isinstance(effort, int) or effort not in refine.ITERATIONS:
             raise ValueError(f"effort must be an integer in 0..{refine.MAX_EFFORT}, not {effort!r}")
+        coder = info.get("coder") or entropy.DEFAULT_CODER
+        entropy.get_coder(coder)
         device = info.get("device")
         if device is not None and not isinstance(device, str):
             raise ValueError(f"device must be a string such as 'cpu' or 'cuda', not {device!r}")
@@ -82,7 +85,7 @@ class EncodeOptions:
         if weights is not None and not isinstance(weights, (str, os.PathLike)):
             raise ValueError(f"weights must be a path, not {weights!r}")
         return cls(quality, None if bpp is None else float(bpp), max_bytes, model or DEFAULT_MODEL,
-                   model is not None, effort, device, os.fspath(weights) if weights else None)
+                   model is not None, effort, coder, device, os.fspath(weights) if weights else None)
 
 
 def working_image(image: Image.Image) -> tuple[Image.Image, str]:
@@ -135,7 +138,7 @@ class _EncodeJob:
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
         quantizer = quantize.UniformQuantizer.with_step(step, latent.shape[0])
         symbols = quantizer.quantize(latent)
-        coder = entropy.get_coder(entropy.DEFAULT_CODER)
+        coder = entropy.get_coder(self.options.coder)
         coder_params, payload = coder.encode(symbols)
         header = Header(
             width=self.image.width, height=self.image.height, original_mode=self.image.mode,

@@ -1,0 +1,303 @@
+"""Train the latent restorer shipped as ``pillow_sdlatent/weights/restorer_taesd.safetensors``.
+
+Reproducible on this project's 2-core CPU, seeded throughout (data, times, results: training/README.md):
+
+    PILLOW_SDLATENT_MODELS=../shared/models/taesd HF_HUB_OFFLINE=1 python training/train_restorer.py
+
+Four stages (``--stages``), each seeded; the cache is resumable:
+
+1. ``cache``: two random 256x256 crops per training photo, encoded once with the TAESD encoder.
+   Every 20th photo (sorted by path) is held out for validation. Kodak is never read.
+2. ``latent``: the restorer learns to map rint(z/step)*step back to z, with step drawn log-uniformly
+   from the codec's range; loss = latent MSE in units of step^2, so that every rate counts.
+3. ``pixel``: a short fine-tune through the frozen TAESD decoder on 128x128 crops against the photo:
+   pixel MSE plus ST-LPIPS, each relative to the unrestored decode. MSE alone blurs texture that
+   the perceptual metric misses at fine steps.
+4. ``val``: decoded PSNR and zstd bpp of the held-out crops, plain and restored, per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # metrics.py: ST-LPIPS without torchvision
+
+from pillow_sdlatent import entropy  # noqa: E402
+from pillow_sdlatent.restore import WEIGHTS_DIR, RestorerNet, load_state, save_weights  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "train"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pillow_sdlatent" / "restorer"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+CROP = 256
+CROPS_PER_IMAGE = 2
+VAL_EVERY = 20
+#: the step range training covers (latent units): the codec's coarsest step is 2.0; below 0.08 nothing is left to gain
+STEP_MIN, STEP_MAX = 0.08, 2.0
+#: Sun_Hays80 photos are q75 JPEGs: halve them (short side kept >= 256) so 8x8 blocking is not a target
+HALVE_SETS = {"Sun_Hays80"}
+
+
+def list_photos(data: Path) -> list[Path]:
+    """All training photos, sorted, so that crops and the split do not depend on the file system."""
+    photos = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if any(p.name.startswith("kodim") for p in photos):
+        raise SystemExit("refusing to train on Kodak (the benchmark set)")
+    return photos
+
+
+def load_photo(path: Path, data: Path) -> Image.Image:
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    if path.relative_to(data).parts[0] in HALVE_SETS:
+        scale = max(0.5, CROP / min(rgb.size))
+        rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.LANCZOS)
+    return rgb
+
+
+def build_cache(data: Path, cache: Path, seed: int) -> None:
+    """One ``NNNN.npz`` per photo (pixels uint8 and TAESD latents of its crops); skips existing ones."""
+    from pillow_sdlatent.models import load_model
+
+    model = load_model("taesd", device="cpu")
+    photos = list_photos(data)
+    cache.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    for index, path in enumerate(photos):
+        out = cache / f"{index:04d}.npz"
+        if out.exists():
+            continue
+        rng = np.random.default_rng([seed, index])
+        rgb = np.asarray(load_photo(path, data))
+        crops = []
+        for _ in range(CROPS_PER_IMAGE):
+            top = int(rng.integers(0, rgb.shape[0] - CROP + 1))
+            left = int(rng.integers(0, rgb.shape[1] - CROP + 1))
+            crops.append(rgb[top:top + CROP, left:left + CROP])
+        pixels = np.stack(crops)
+        latents = model.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1).numpy()
+        tmp = out.with_suffix(".tmp.npz")
+        np.savez(tmp, pixels=pixels, latents=latents, source=str(path.relative_to(data)))
+        tmp.replace(out)
+        done = index + 1
+        print(f"cache {done}/{len(photos)} {path.name} {time.time() - start:.0f}s", flush=True)
+
+
+def load_cache(cache: Path, count: int) -> dict[str, dict[str, np.ndarray]]:
+    """{"train": {...}, "val": {...}} arrays; photo index % VAL_EVERY == 0 goes to validation."""
+    parts: dict[str, dict[str, list[np.ndarray]]] = {"train": {"pixels": [], "latents": []},
+                                                     "val": {"pixels": [], "latents": []}}
+    for index in range(count):
+        with np.load(cache / f"{index:04d}.npz") as item:
+            split = "val" if index % VAL_EVERY == 0 else "train"
+            parts[split]["pixels"].append(item["pixels"])
+            parts[split]["latents"].append(item["latents"])
+    return {split: {k: np.concatenate(v) for k, v in arrays.items()} for split, arrays in parts.items()}
+
+
+def quantize(latent: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The codec's uniform quantizer: rint(z/step)*step, step broadcast per sample."""
+    return torch.round(latent / step) * step
+
+
+def draw_steps(generator: torch.Generator, count: int) -> torch.Tensor:
+    """Steps log-uniform in [STEP_MIN, STEP_MAX], shaped (count, 1, 1, 1)."""
+    u = torch.rand(count, generator=generator)
+    return torch.exp(math.log(STEP_MIN) + u * (math.log(STEP_MAX) - math.log(STEP_MIN))).view(-1, 1, 1, 1)
+
+
+def random_batch(latents: torch.Tensor, pixels: torch.Tensor | None, size: int, crop: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``size`` random latent crops of ``crop`` (and the matching 8x pixel crops), randomly flipped."""
+    n, _, height, width = latents.shape
+    zs, xs = [], []
+    for _ in range(size):
+        i = int(torch.randint(n, (1,), generator=generator))
+        top = int(torch.randint(height - crop + 1, (1,), generator=generator))
+        left = int(torch.randint(width - crop + 1, (1,), generator=generator))
+        z = latents[i, :, top:top + crop, left:left + crop]
+        x = None if pixels is None else pixels[i, :, 8 * top:8 * (top + crop), 8 * left:8 * (left + crop)]
+        if bool(torch.randint(2, (1,), generator=generator)):
+            z = z.flip(-1)
+            x = None if x is None else x.flip(-1)
+        zs.append(z)
+        xs.append(x)
+    return torch.stack(zs), None if pixels is None else torch.stack(xs)
+
+
+def val_latent_loss(net: RestorerNet, latents: torch.Tensor, steps: list[float]) -> list[float]:
+    """Latent MSE / step^2 on the whole validation set, restored and (as a reference) plain, per step."""
+    out = []
+    with torch.inference_mode():
+        for step in steps:
+            s = torch.full((latents.shape[0], 1, 1, 1), step)
+            noisy = quantize(latents, s)
+            restored = net(noisy, s)
+            out.append(float(((restored - latents) ** 2).mean() / step**2))
+            out.append(float(((noisy - latents) ** 2).mean() / step**2))
+    return out
+
+
+def train_latent(data: dict[str, dict[str, np.ndarray]], args: argparse.Namespace) -> RestorerNet:
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    net = RestorerNet()
+    latents = torch.from_numpy(data["train"]["latents"]).float()
+    val = torch.from_numpy(data["val"]["latents"]).float()
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.latent_iters,
+                                                   pct_start=0.05)
+    start = time.time()
+    for it in range(1, args.latent_iters + 1):
+        z, _ = random_batch(latents, None, args.batch, args.latent_crop, generator)
+        step = draw_steps(generator, z.shape[0])
+        noisy = quantize(z, step)
+        loss = (((net(noisy, step) - z) / step) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if it % args.log_every == 0 or it == args.latent_iters:
+            vals = val_latent_loss(net, val, [0.15, 0.4, 1.0])
+            print(f"latent {it}/{args.latent_iters} loss {loss.item():.4f} val(restored,plain) "
+                  + " ".join(f"{v:.4f}" for v in vals) + f" {time.time() - start:.0f}s", flush=True)
+    return net
+
+
+def decode(autoencoder: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
+    """TAESD decode with gradients (LatentModel.decode runs under inference_mode)."""
+    return autoencoder.decode(latent).sample.clamp(-1, 1)
+
+
+def train_pixel(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], args: argparse.Namespace) -> None:
+    """Fine-tune through the frozen decoder against the photo: pixel MSE plus ST-LPIPS.
+
+    Both terms are taken relative to the unrestored decode of the same crop, so that every step
+    weighs alike and the restorer is pushed to beat the plain decode on both: MSE alone blurs fine
+    texture away and loses on perceptual metrics at fine steps.
+    """
+    from metrics import STLPIPS
+
+    from pillow_sdlatent.models import load_model
+
+    autoencoder = load_model("taesd", device="cpu").module
+    lpips = STLPIPS().net
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    latents = torch.from_numpy(data["train"]["latents"]).float()
+    pixels = torch.from_numpy(data["train"]["pixels"]).permute(0, 3, 1, 2)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.pixel_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.pixel_iters)
+    start = time.time()
+    for it in range(1, args.pixel_iters + 1):
+        z, x = random_batch(latents, pixels, args.pixel_batch, args.pixel_crop, generator)
+        target = x.float() / 127.5 - 1
+        step = draw_steps(generator, z.shape[0])
+        noisy = quantize(z, step)
+        with torch.no_grad():
+            plain = decode(autoencoder, noisy)
+            plain_mse = ((plain - target) ** 2).mean(dim=(1, 2, 3))
+            plain_lpips = lpips(plain, target).flatten()
+        restored = decode(autoencoder, net(noisy, step))
+        mse = ((restored - target) ** 2).mean(dim=(1, 2, 3)) / plain_mse.clamp_min(1e-6)
+        perceptual = lpips(restored, target).flatten() / plain_lpips.clamp_min(1e-4)
+        loss = (mse + args.lpips_weight * perceptual).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if it % max(1, args.log_every // 10) == 0 or it == args.pixel_iters:
+            print(f"pixel {it}/{args.pixel_iters} mse ratio {mse.mean().item():.4f} "
+                  f"lpips ratio {perceptual.mean().item():.4f} {time.time() - start:.0f}s", flush=True)
+
+
+def val_psnr(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], steps: list[float]) -> list[dict[str, float]]:
+    """Mean decoded PSNR (dB) of the validation crops, plain and restored, and the zstd bpp, per step."""
+    from pillow_sdlatent.models import load_model
+
+    model = load_model("taesd", device="cpu")
+    coder = entropy.get_coder(entropy.DEFAULT_CODER)
+    latents = torch.from_numpy(data["val"]["latents"]).float()
+    target = torch.from_numpy(data["val"]["pixels"]).permute(0, 3, 1, 2).double()
+    rows = []
+    for step in steps:
+        s = torch.full((latents.shape[0], 1, 1, 1), float(np.float32(step)))
+        noisy = quantize(latents, s)
+        with torch.inference_mode():
+            restored = net(noisy, s)
+        row = {"step": step}
+        for name, z in (("plain", noisy), ("restored", restored)):
+            rgb = ((model.decode(z) + 1) * 127.5).round().clamp(0, 255).double()
+            mse = ((rgb - target) ** 2).mean(dim=(1, 2, 3))
+            row[name] = float((10 * torch.log10(255.0**2 / mse)).mean())
+        symbols = torch.round(latents / s).to(torch.int32).numpy()
+        row["bpp"] = float(np.mean([len(coder.encode(sym)[1]) * 8 / CROP**2 for sym in symbols]))
+        rows.append(row)
+        print(f"val step {step:.3f}: bpp {row['bpp']:.3f} PSNR plain {row['plain']:.3f} "
+              f"restored {row['restored']:.3f} gain {row['restored'] - row['plain']:+.3f} dB", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR / "restorer_taesd.safetensors")
+    parser.add_argument("--stages", default="cache,latent,pixel,val")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--latent-iters", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--latent-crop", type=int, default=24)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--pixel-iters", type=int, default=150)
+    parser.add_argument("--pixel-batch", type=int, default=4)
+    parser.add_argument("--pixel-crop", type=int, default=16)
+    parser.add_argument("--pixel-lr", type=float, default=2e-4)
+    parser.add_argument("--lpips-weight", type=float, default=1.0)
+    parser.add_argument("--log-every", type=int, default=250)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    stages = set(args.stages.split(","))
+    if "cache" in stages:
+        build_cache(args.data, args.cache, args.seed)
+    if not stages & {"latent", "pixel", "val"}:
+        return
+    data = load_cache(args.cache, len(list_photos(args.data)))
+    print(f"train crops {len(data['train']['latents'])}, val crops {len(data['val']['latents'])}", flush=True)
+    checkpoint = args.cache / "latent_stage.pt"
+    if "latent" in stages:
+        net = train_latent(data, args)
+        torch.save(net.state_dict(), checkpoint)
+    else:
+        net = RestorerNet()
+        net.load_state_dict(torch.load(checkpoint, weights_only=True) if checkpoint.exists()
+                            else load_state(args.out))
+    if "pixel" in stages:
+        train_pixel(net, data, args)
+    net.eval()
+    if "latent" in stages or "pixel" in stages:
+        save_weights(net, args.out, {"seed": str(args.seed), "stages": args.stages,
+                                     "step_range": json.dumps([STEP_MIN, STEP_MAX])})
+        print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
+    if "val" in stages:
+        rows = val_psnr(net, data, [0.25, 0.5, 1.0, 2.0])
+        with open(args.cache / "val.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
