@@ -30,7 +30,9 @@ class SdlImageFile(ImageFile.ImageFile):
     """An ``.sdl`` image. Set ``decode_options`` before ``load()`` to choose the decoder.
 
     ``decode_options`` takes ``model`` (a compatible model, e.g. ``sd-vae`` for a
-    ``taesd`` file), ``device``, ``weights`` and ``allow_digest_mismatch``.
+    ``taesd`` file), ``device``, ``weights``, ``allow_digest_mismatch``, ``restore``
+    (default True: the package's restorer where it helps) and ``denoise`` (a Stable
+    Diffusion 1.x model whose UNet denoises the latent first, with ``seed``).
     """
 
     format = FORMAT

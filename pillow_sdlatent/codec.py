@@ -216,7 +216,8 @@ def encode_images(images: Sequence[Image.Image], info: dict[str, Any] | None = N
 
 
 def decode_files(sources: Sequence[str | os.PathLike | IO[bytes] | bytes], *, batch_size: int | None = None,
-                 progress: bool = False, **decoder_options: Any) -> list[Image.Image]:
+                 progress: bool = False, restore: bool = True, denoise: str | None = None, seed: int = 0,
+                 **decoder_options: Any) -> list[Image.Image]:
     """Decode many files with each model loaded once and same-shaped latents decoded together."""
     prepared = []
     for source in sources:
@@ -225,7 +226,9 @@ def decode_files(sources: Sequence[str | os.PathLike | IO[bytes] | bytes], *, ba
             container.check_pixel_limit(layout.header.width, layout.header.height)
             latent = latent_from_layout(fp, layout)
             alpha = alpha_plane(layout) if layout.header.mode in container.ALPHA_MODES else None
-        prepared.append((layout, latent, alpha, decoder_for(layout, **decoder_options)))
+        decoder = decoder_for(layout, **decoder_options)
+        latent = clean_latent(latent, layout, decoder, restore=restore, denoise=denoise, seed=seed)
+        prepared.append((layout, latent, alpha, decoder))
     groups: dict[tuple, list[int]] = {}
     for index, (_, latent, _, decoder) in enumerate(prepared):
         groups.setdefault((id(decoder), latent.shape), []).append(index)
@@ -405,19 +408,46 @@ def decoder_for(layout: Layout, model: str | None = None, *, device: str | None 
     return decoder
 
 
-def decode_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = False,
-                  **decoder_options: Any) -> Image.Image:
+def decode_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = False, restore: bool = True,
+                  denoise: str | None = None, seed: int = 0, **decoder_options: Any) -> Image.Image:
     """Decode an opened file into a Pillow image of the header's mode.
 
     Everything that can refuse the file (payload, alpha plane, weights) is
-    checked before the decoder runs, the one expensive step.
+    checked before the decoder runs, the one expensive step. ``restore`` and
+    ``denoise`` choose the decoder-side restoration (see ``clean_latent``).
     """
     header = layout.header
     latent = latent_from_layout(fp, layout, allow_truncated)
     alpha = alpha_plane(layout) if header.mode in container.ALPHA_MODES else None
     decoder = decoder_for(layout, **decoder_options)
+    latent = clean_latent(latent, layout, decoder, restore=restore, denoise=denoise, seed=seed)
     rgb = Image.fromarray(decode_latent(decoder, latent, header.width, header.height), "RGB")
     return finish_mode(rgb, layout, alpha)
+
+
+def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, *, restore: bool = True,
+                 denoise: str | None = None, seed: int = 0) -> np.ndarray:
+    """Remove quantization noise before the decoder.
+
+    ``denoise``: a Stable Diffusion 1.x model (hub id, folder or file) whose UNet
+    denoises for a few steps, the original method (opt-in: it needs SD's weights).
+    Otherwise, with ``restore`` (the default), the package's own restorer runs
+    where it was measured to help at the file's step.
+    """
+    step = max(quantize.quantizer_from_params(
+        layout.header.quantizer, layout.header.quantizer_params, layout.header.latent_shape[0]).steps)
+    if denoise:
+        if decoder.spec.latent_space != "sd1":
+            raise ValueError(f"UNet denoising needs an SD 1.x latent, not a {decoder.spec.name!r} one")
+        from .unet_denoise import denoise_latent
+
+        return denoise_latent(latent, step, model=denoise, device=decoder.device, seed=seed)
+    if restore:
+        from . import restore as restorer
+
+        if restorer.has_restorer(decoder.spec.name, step):
+            return restorer.restore_latent(latent, step, decoder.spec.name)
+    return latent
 
 
 def preview_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = False) -> Image.Image:

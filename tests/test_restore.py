@@ -69,3 +69,22 @@ def test_restored_decodes_closer_to_the_photo(name: str) -> None:
 
     gain = psnr(rgb, decoded(restored)) - psnr(rgb, decoded(plain))
     assert gain > 0.8, f"restorer gained only {gain:.2f} dB on {name}"
+
+
+def test_restorer_is_on_by_default_where_it_helps(photo) -> None:
+    """At a coarse step the decode path restores the latent unless told not to."""
+    import io
+
+    from pillow_sdlatent import codec
+    from tests.conftest import psnr
+
+    buffer = io.BytesIO()
+    photo.save(buffer, format="SDL", quality=40)  # step ~1.1, inside the restorer's helpful range
+    restored = codec.decode_file(buffer.getvalue())
+    plain = codec.decode_file(buffer.getvalue(), restore=False)
+    gain = psnr(photo, restored) - psnr(photo, plain)
+    print(f"\nrestorer at quality 40: {gain:+.2f} dB")
+    assert gain > 0.3
+    fine = io.BytesIO()
+    photo.save(fine, format="SDL", quality=90)  # step below the helpful range: restorer stays off
+    assert codec.decode_file(fine.getvalue()).tobytes() == codec.decode_file(fine.getvalue(), restore=False).tobytes()

@@ -106,3 +106,18 @@ def test_refuses_pickles_and_names_places(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(WeightsNotFoundError, match="PILLOW_SDLATENT_MODELS") as info:
         unet_denoise.denoise_latent(np.zeros((4, 8, 8), np.float32), 0.5, model="nobody/no-such-sd", device="cpu")
     assert "no-such-sd" in str(info.value) and "cache" in str(info.value)
+
+
+def test_decode_option_runs_the_unet_before_the_decoder(tiny_sd: Path, photo) -> None:
+    """`denoise=` on decode goes through the UNet path end to end (random tiny SD parts)."""
+    import io
+
+    from pillow_sdlatent import codec
+
+    buffer = io.BytesIO()
+    photo.save(buffer, format="SDL", quality=30)
+    plain = np.asarray(codec.decode_file(buffer.getvalue(), restore=False))
+    first = np.asarray(codec.decode_file(buffer.getvalue(), denoise=str(tiny_sd), seed=3))
+    again = np.asarray(codec.decode_file(buffer.getvalue(), denoise=str(tiny_sd), seed=3))
+    assert first.shape == plain.shape and np.array_equal(first, again)
+    assert not np.array_equal(first, plain)
