@@ -7,8 +7,8 @@ with the real TAESD weights (set PILLOW_SDLATENT_MODELS). Every seed is first
 cut at every length, then ``--inputs`` structure-aware mutants follow
 (tests/fuzzing.py; the same ``--seed`` gives the same inputs). Each input runs
 in a worker process through ``Image.open`` -> ``load()``, ``Image.open`` ->
-``verify()`` and, for a quarter of them, ``load()`` with
-LOAD_TRUNCATED_IMAGES. A worker that crashes or exceeds ``--timeout`` is
+``verify()`` and, for a quarter of them each, ``load()`` with
+LOAD_TRUNCATED_IMAGES and ``thumbnail()`` (the latent preview path). A worker that crashes or exceeds ``--timeout`` is
 reported and replaced; an input whose Python-heap peak or RSS growth is out of
 proportion (tests/fuzzing.py: TRACED_LIMIT, RSS_LIMIT) counts as a failure.
 Prints outcome counts by kind, writes ``<out>/summary.json`` and saves every

@@ -109,27 +109,43 @@ class PillowCodec:
         return len(data), decode_bytes(data)
 
 
+class _TinyModel:
+    """A diffusers AutoencoderTiny behind ``pillow_sdlatent.models.LatentModel``'s encode/decode interface."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module.encode(pixels).latents
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module.decode(latent).sample.clamp(-1, 1)
+
+
 class Autoencoders:
-    """TAESD modules loaded once each: through ``pillow_sdlatent.models`` when it imports, else diffusers.
+    """TAESD models loaded once each: through ``pillow_sdlatent.models`` when it imports, else diffusers.
 
     Sharing the plugin's loader means the sdl and original-recipe codecs use
-    the very same weights (and the process holds one copy).
+    the very same weights, device and precision (and the process holds one copy).
+    Either way ``encode``/``decode`` take and return CPU float32 tensors.
     """
 
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
-        self.modules: dict[str, torch.nn.Module] = {}
+        self.models: dict[str, Any] = {}
 
-    def module(self, name: str) -> torch.nn.Module:
-        if name not in self.modules:
+    def model(self, name: str) -> Any:
+        if name not in self.models:
             try:
                 from pillow_sdlatent.models import load_model
             except ImportError:
-                self.modules[name] = self._load_with_diffusers(name)
+                self.models[name] = _TinyModel(self._load_with_diffusers(name))
             else:
                 # no arguments: the same cache key as the plugin's own load, so the weights load once
-                self.modules[name] = load_model(name).module
-        return self.modules[name]
+                self.models[name] = load_model(name)
+        return self.models[name]
 
     def _load_with_diffusers(self, name: str) -> torch.nn.Module:
         from diffusers import AutoencoderTiny
@@ -150,13 +166,11 @@ class Autoencoders:
             height, width = sample.rgb.shape[:2]
             padded = np.pad(sample.rgb, ((0, -height % 8), (0, -width % 8), (0, 0)), mode="edge")
             pixels = torch.tensor(padded, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
-            with torch.inference_mode():
-                sample.latents[name] = self.module(name).encode(pixels).latents
+            sample.latents[name] = self.model(name).encode(pixels)
         return sample.latents[name]
 
     def decode(self, name: str, latent: torch.Tensor, sample: Sample) -> np.ndarray:
-        with torch.inference_mode():
-            pixels = self.module(name).decode(latent).sample[0].clamp(-1, 1)
+        pixels = self.model(name).decode(latent)[0]
         rgb = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
         height, width = sample.rgb.shape[:2]
         return np.ascontiguousarray(rgb[:height, :width])
@@ -244,7 +258,7 @@ class OrigRecipe:
         return f"{self.codec}/{self.model}"
 
     def code(self, sample: Sample, param: int) -> tuple[int, np.ndarray]:
-        module = self.autoencoders.module(self.model)
+        module = self.autoencoders.model(self.model).module  # scale_latents is parameter-free arithmetic
         latent = self.autoencoders.latent(self.model, sample)
         u8 = (module.scale_latents(latent) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
         palette = build_palette(u8, param)

@@ -10,8 +10,10 @@ inference steps (about 3 UNet evaluations) whatever the rate; here t follows the
   clamped to the grid's first timestep and to ``MAX_STRENGTH`` of the training timesteps (above that
   the UNet invents content instead of removing noise), and the latent is scaled by ``sqrt(abar_t)``.
 
-With SD 1.x's schedule and 66 steps: step 0.15 -> t = 1 (one UNet call), 0.5 -> t = 16, 1.0 -> t = 76
-region (grid 61), 2.0 -> t = 196 region. ``strength=`` overrides the mapping the original way.
+With SD 1.x's schedule and 66 steps (grid 1, 16, 31, ...): step <= 0.15 -> t = 1 (1 UNet call),
+0.3-0.5 -> t = 16 (3 calls), 1.0 -> t = 76 (7), 2.0 -> t = 196 (15). PLMS repeats its second timestep
+(a Heun-like first step), so a start at grid index k costs k + 2 calls. ``strength=`` overrides the
+mapping the original way: the largest grid timestep <= strength * 1000 (0.04 -> t = 31).
 
 Weights: only safetensors are read (``.ckpt``/``.bin``/``.pth`` are refused). Looked up as
 ``models.py`` does: an explicit path, then ``$PILLOW_SDLATENT_MODELS/<repo name>``, then the

@@ -16,7 +16,6 @@ this package; nothing else, within the time and memory limits.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import math
 import os
@@ -36,10 +35,10 @@ from typing import Any
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from pillow_sdlatent import codec, container, entropy
+from pillow_sdlatent import container, entropy
 
 PACKAGE_DIR = str(Path(container.__file__).resolve().parent)
-ACTIONS = ("load", "verify", "load_truncated")
+ACTIONS = ("load", "verify", "load_truncated", "thumbnail")
 #: Workers lower Pillow's pixel limit to this, so that a mutant describing a big
 #: image with a payload that happens to decode cannot swamp a small machine.
 #: The limit logic itself is exercised all the same.
@@ -73,15 +72,6 @@ def _metadata() -> dict[str, Any]:
     }
 
 
-def recoded(data: bytes, coder: str) -> bytes:
-    """The same file with its payload coded by another entropy coder (saving only uses the default one)."""
-    fp = io.BytesIO(data)
-    layout = container.read_layout(fp)
-    params, payload = entropy.get_coder(coder).encode(codec.read_symbols(layout, container.read_payload(fp, layout)))
-    header = dataclasses.replace(layout.header, coder=coder, coder_params=params, payload_length=len(payload))
-    return container.serialize(header, payload, layout.metadata, layout.alpha)
-
-
 def make_seeds() -> dict[str, bytes]:
     """Small valid files of every decoded mode, with and without metadata, in every coder (a few KB in all)."""
     specs: list[tuple[str, Image.Image, dict[str, Any]]] = []
@@ -97,14 +87,15 @@ def make_seeds() -> dict[str, bytes]:
     specs.append(("rgba-16x16-meta", rgba, _metadata()))
     specs.append(("rgb-9x7-meta", _pattern(9, 7, 3), {**_metadata(), "quality": 95}))
     specs.append(("taesd3-8x8", base.crop((0, 0, 8, 8)), {"model": "taesd3"}))
+    for name, image, options in specs[:]:
+        if name in ("rgb-16x16", "la-8x16", "rgba-16x16-meta", "taesd3-8x8"):
+            specs += [(f"{name}-{coder}", image, {**options, "coder": coder})
+                      for coder in sorted(set(entropy.CODERS) - {entropy.DEFAULT_CODER})]
     seeds = {}
     for name, image, options in specs:
         buffer = io.BytesIO()
         image.save(buffer, format="SDL", **options)
         seeds[name] = buffer.getvalue()
-    for name in ("rgb-16x16", "la-8x16", "rgba-16x16-meta", "taesd3-8x8"):
-        for coder in sorted(set(entropy.CODERS) - {entropy.DEFAULT_CODER}):
-            seeds[f"{name}-{coder}"] = recoded(seeds[name], coder)
     return seeds
 
 
@@ -499,11 +490,16 @@ MUTATORS: dict[str, Mutator] = {
 
 @dataclass
 class Case:
-    """One input: reproducible from ``label`` (run seed, index, seed file, mutators)."""
+    """One input: reproducible from ``label`` (run seed, index, seed file, mutators).
+
+    Every input is loaded and verified; the flags add a load with
+    LOAD_TRUNCATED_IMAGES and a ``thumbnail()`` (the latent preview path).
+    """
 
     label: str
     data: bytes
     load_truncated: bool = False
+    thumbnail: bool = False
 
 
 def mutate(run_seed: int, index: int, seeds: dict[str, bytes]) -> Case:
@@ -518,7 +514,7 @@ def mutate(run_seed: int, index: int, seeds: dict[str, bytes]) -> Case:
     if fixed:
         data = fix_crcs(data)
     label = f"run {run_seed} #{index}: {seed_name} <- {'+'.join(names)}{' +crc' if fixed else ''}"
-    return Case(label, data, load_truncated=rng.random() < 0.25)
+    return Case(label, data, load_truncated=rng.random() < 0.25, thumbnail=rng.random() < 0.25)
 
 
 def truncations(seeds: dict[str, bytes], names: Iterable[str]) -> Iterator[Case]:
@@ -526,7 +522,7 @@ def truncations(seeds: dict[str, bytes], names: Iterable[str]) -> Iterator[Case]
     for name in names:
         data = seeds[name]
         for length in range(len(data)):
-            yield Case(f"{name} truncated to {length}", data[:length], load_truncated=True)
+            yield Case(f"{name} truncated to {length}", data[:length], load_truncated=True, thumbnail=True)
 
 
 # --------------------------------------------------------------------------- running one input
@@ -545,6 +541,9 @@ def _attempt(path: str, action: str) -> str:
         if action == "verify":
             image.verify()
             return "verified"
+        if action == "thumbnail":
+            image.thumbnail((2, 2))
+            return "thumbnail"
         image.load()
         return "decoded"
 
@@ -596,7 +595,7 @@ def run_case(case: Case, path: str) -> dict[str, Any]:
     tracemalloc.reset_peak()
     traced_before = tracemalloc.get_traced_memory()[0]
     for action in ACTIONS:
-        if action == "load_truncated" and not case.load_truncated:
+        if (action == "load_truncated" and not case.load_truncated) or (action == "thumbnail" and not case.thumbnail):
             continue
         ImageFile.LOAD_TRUNCATED_IMAGES = action == "load_truncated"
         try:

@@ -39,4 +39,4 @@ def test_short_fuzz_run(seeds: dict[str, bytes]) -> None:
     assert not failures, failures[:5]
     # the mutants must reach past the header checks, or the run proves little
     assert counts["load"]["decoded"] > 50 and counts["load"]["DamagedFileError"] > 100
-    assert counts["load_truncated"]["decoded"] > 25
+    assert counts["load_truncated"]["decoded"] > 25 and counts["thumbnail"]["thumbnail"] > 25
