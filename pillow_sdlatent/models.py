@@ -328,6 +328,8 @@ def _refuse_pickle(path: Path) -> None:
 def _from_local(spec: ModelSpec, path: Path) -> torch.nn.Module | None:
     """Load from a folder or file, or None when it holds nothing for this model."""
     if spec.family == "tiny":
+        if path.is_file():
+            return _tiny_from_single_file(spec, path)
         pair = [path / f"{spec.file_prefix}_{part}.safetensors" for part in ("encoder", "decoder")]
         if all(file.is_file() for file in pair):
             return _tiny_from_taesd_files(spec, path)
@@ -357,6 +359,22 @@ def _tiny_from_taesd_files(spec: ModelSpec, folder: Path) -> torch.nn.Module:
         state[f"decoder.layers.{int(index) - 1}.{rest}"] = value.float()
     module = AutoencoderTiny(latent_channels=spec.channels)
     module.load_state_dict(state, strict=True)
+    return module
+
+
+def _tiny_from_single_file(spec: ModelSpec, path: Path) -> torch.nn.Module:
+    """A diffusers-layout AutoencoderTiny state dict in one .safetensors file (as on the hub)."""
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        raise OSError(f"{path}: expected a .safetensors file")
+    module = AutoencoderTiny(latent_channels=spec.channels)
+    try:
+        module.load_state_dict({k: v.float() for k, v in load_file(path).items()}, strict=True)
+    except RuntimeError as exc:
+        raise OSError(f"{path} does not hold {spec.name!r} weights in diffusers' AutoencoderTiny layout: "
+                      f"{str(exc).splitlines()[0]}") from None
     return module
 
 

@@ -102,3 +102,17 @@ def test_encoding_is_deterministic(photo: Image.Image) -> None:
     assert first.getvalue() == second.getvalue()
     latent = codec.read_latent(first.getvalue())
     assert np.isfinite(latent).all()
+
+
+def test_single_file_tiny_weights(tmp_path: Path, photo: Image.Image) -> None:
+    """weights= may name one diffusers-layout .safetensors file; a wrong one is an error, not a fallback."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in load_model("taesd").module.state_dict().items()}
+    good = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(state, str(good))
+    assert load_model("taesd", weights=good).decoder_digest == load_model("taesd").decoder_digest
+    bad = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad))
+    with pytest.raises(OSError, match="AutoencoderTiny layout"):
+        load_model("taesd", weights=bad)
