@@ -53,7 +53,7 @@ METRICS = {  # column -> (name, axis label, higher is better)
     "msssim_db": ("MS-SSIM", "MS-SSIM (dB, -10 log10(1 - MS-SSIM))", True),
     "stlpips": ("ST-LPIPS", "ST-LPIPS (AlexNet), lower is better", False),
 }
-#: a BD-rate over less than this share of the test curve's quality span is flagged as fragile
+#: a BD-rate over less than this share of the shorter curve's quality span is flagged as fragile
 NARROW_OVERLAP = 1 / 3
 CSV_FIELDS = ["config", "codec", "model", "options", "image", "width", "height", "param", "bytes", "bpp",
               "psnr", "msssim", "msssim_db", "stlpips"]
@@ -441,6 +441,11 @@ def is_latent(config: str) -> bool:
     return config.startswith(("sdl/", "orig-"))
 
 
+def span(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return max(finite) - min(finite)
+
+
 def bd_tables(curves: dict[str, list[dict[str, float]]], bd_range: tuple[float, float] | None) -> str:
     """Markdown: per metric, BD-rate of each latent configuration (rows) against every configuration (columns)."""
     tests = [c for c in curves if is_latent(c)]
@@ -448,8 +453,8 @@ def bd_tables(curves: dict[str, list[dict[str, float]]], bd_range: tuple[float, 
     parts = ["## BD-rate\n",
              "Rate change of the row codec against the column codec at equal quality (negative: the row needs "
              f"fewer bits), PCHIP in log-rate over the quality range both curves reach{window}; n/a: no overlap; "
-             f"*: the shared range is under {NARROW_OVERLAP:.0%} of the row's quality span, so the number rests on "
-             "a sliver of the curves.\n"]
+             f"*: the shared range is under {NARROW_OVERLAP:.0%} of the shorter curve's quality span, so the "
+             "number rests on a sliver of the curves.\n"]
     for metric, (name, label, higher) in METRICS.items():
         parts.append(f"### {label}\n\n| {name}: row vs column | " + " | ".join(curves) + " |")
         parts.append("|---|" + "---:|" * len(curves))
@@ -464,8 +469,7 @@ def bd_tables(curves: dict[str, list[dict[str, float]]], bd_range: tuple[float, 
                 anchor_curve = ([p["bpp"] for p in curves[anchor]], [sign * p[metric] for p in curves[anchor]])
                 value = bd_rate(*anchor_curve, *test_curve, bd_range)
                 lo, hi = quality_overlap(*anchor_curve, *test_curve, bd_range)
-                finite = [m for m in test_curve[1] if math.isfinite(m)]
-                narrow = hi - lo < NARROW_OVERLAP * (max(finite) - min(finite))
+                narrow = hi - lo < NARROW_OVERLAP * min(span(anchor_curve[1]), span(test_curve[1]))
                 cells.append("n/a" if math.isnan(value) else f"{value:+.1f}%" + ("*" if narrow else ""))
             parts.append(f"| {test} | " + " | ".join(cells) + " |")
         parts.append("")
