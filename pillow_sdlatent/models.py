@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -260,9 +260,32 @@ def decoder_digest(state_dict: dict[str, torch.Tensor], family: str) -> bytes:
     return digest.digest()
 
 
-_cache: dict[tuple, LatentModel] = {}
-_cache_lock = threading.Lock()
-_key_locks: dict[tuple, threading.Lock] = {}
+class LoadOnce:
+    """Values built once per key and then shared, even when many threads ask for one at once.
+
+    A lock per key lets two different models load in parallel while a second
+    request for the same model waits for the first instead of loading it again.
+    """
+
+    def __init__(self) -> None:
+        self.items: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple, threading.Lock] = {}
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self.items:
+                return self.items[key]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            if key not in self.items:
+                value = build()
+                with self._lock:
+                    self.items[key] = value
+        return self.items[key]
+
+
+_models = LoadOnce()
 
 
 def load_model(name: str = DEFAULT_MODEL, *, weights: str | os.PathLike | None = None,
@@ -272,17 +295,12 @@ def load_model(name: str = DEFAULT_MODEL, *, weights: str | os.PathLike | None =
     resolved_device = resolve_device(device)
     models_dir = os.environ.get(MODELS_ENV, "")
     key = (spec.name, os.fspath(weights) if weights else None, models_dir, resolved_device)
-    with _cache_lock:
-        if key in _cache:
-            return _cache[key]
-        key_lock = _key_locks.setdefault(key, threading.Lock())
-    with key_lock:
-        if key not in _cache:
-            module = _build_module(spec, weights, models_dir)
-            model = LatentModel(spec, module, resolved_device, default_dtype(resolved_device))
-            with _cache_lock:
-                _cache[key] = model
-    return _cache[key]
+
+    def build() -> LatentModel:
+        module = _build_module(spec, weights, models_dir)
+        return LatentModel(spec, module, resolved_device, default_dtype(resolved_device))
+
+    return _models.get(key, build)
 
 
 def _build_module(spec: ModelSpec, weights: str | os.PathLike | None, models_dir: str) -> torch.nn.Module:

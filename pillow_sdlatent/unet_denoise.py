@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models import MODELS_ENV, PICKLE_SUFFIXES, UnsafeWeightsError, WeightsNotFoundError, default_dtype, resolve_device
+from .models import (
+    MODELS_ENV,
+    PICKLE_SUFFIXES,
+    LoadOnce,
+    UnsafeWeightsError,
+    WeightsNotFoundError,
+    default_dtype,
+    resolve_device,
+)
 
 #: runwayml/stable-diffusion-v1-5 was withdrawn from the hub in 2024; this is its official mirror
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -53,9 +60,7 @@ class SDComponents:
     dtype: torch.dtype
 
 
-_cache: dict[tuple, SDComponents] = {}
-_cache_lock = threading.Lock()
-_key_locks: dict[tuple, threading.Lock] = {}
+_components = LoadOnce()
 
 
 def quantization_sigma(step: float) -> float:
@@ -127,16 +132,7 @@ def load_components(model: str | os.PathLike = DEFAULT_SD_MODEL, device: str | N
     resolved_device = resolve_device(device)
     models_dir = os.environ.get(MODELS_ENV, "")
     key = (os.fspath(model), models_dir, resolved_device)
-    with _cache_lock:
-        if key in _cache:
-            return _cache[key]
-        key_lock = _key_locks.setdefault(key, threading.Lock())
-    with key_lock:
-        if key not in _cache:
-            parts = _load(os.fspath(model), models_dir, resolved_device)
-            with _cache_lock:
-                _cache[key] = parts
-    return _cache[key]
+    return _components.get(key, lambda: _load(os.fspath(model), models_dir, resolved_device))
 
 
 def _load(model: str, models_dir: str, device: str) -> SDComponents:

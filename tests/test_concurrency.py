@@ -44,8 +44,7 @@ def test_threads_match_a_serial_run(photo: Image.Image, tmp_path: Path, monkeypa
             loads[spec.name] += 1
         return build(spec, *args)
 
-    monkeypatch.setattr(models, "_cache", {})
-    monkeypatch.setattr(models, "_key_locks", {})
+    monkeypatch.setattr(models, "_models", models.LoadOnce())
     monkeypatch.setattr(models, "_build_module", counting_build)
     start = threading.Barrier(THREADS)
 
