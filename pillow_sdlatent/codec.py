@@ -155,11 +155,11 @@ class _EncodeJob:
         if target is None:
             step = quantize.step_for_quality(options.quality or quantize.DEFAULT_QUALITY)
             return self.file_for(refine.refine_latent(model, latent, rgb, step, options.effort), step)
-        data = fit_rate(lambda step: self.file_for(latent, step), target)
+        data, step = fit_rate(lambda step: self.file_for(latent, step), target)
         if options.effort:
-            step = quantize.UniformQuantizer.from_params(_quantizer_params(data), latent.shape[0]).steps[0]
-            latent = refine.refine_latent(model, latent, rgb, step, options.effort)
-            data = fit_rate(lambda step: self.file_for(latent, step), target)
+            stored_step = quantize.UniformQuantizer.with_step(step, latent.shape[0]).steps[0]
+            latent = refine.refine_latent(model, latent, rgb, stored_step, options.effort)
+            data, _ = fit_rate(lambda step: self.file_for(latent, step), target)
         return data
 
 
@@ -270,8 +270,8 @@ RATE_STEPS = (0.01, 16.0)
 RATE_TOLERANCE = 0.03
 
 
-def fit_rate(file_for: Any, target: int) -> bytes:
-    """The file whose size is within 3% under ``target`` bytes, by bisection on log(step).
+def fit_rate(file_for: Any, target: int) -> tuple[bytes, float]:
+    """The file whose size is within 3% under ``target`` bytes, and its step, by bisection on log(step).
 
     Never returns a file over ``target``; ``ValueError`` when even the coarsest
     step does not fit (the header and metadata alone may be too big).
@@ -282,7 +282,7 @@ def fit_rate(file_for: Any, target: int) -> bytes:
         raise ValueError(f"cannot fit this image in {target} bytes: the smallest file is {len(best)} bytes")
     finest = file_for(float(np.exp(low)))
     if len(finest) <= target:
-        return finest
+        return finest, float(np.exp(low))
     for _ in range(40):
         middle = (low + high) / 2
         data = file_for(float(np.exp(middle)))
@@ -292,11 +292,7 @@ def fit_rate(file_for: Any, target: int) -> bytes:
             high, best = middle, data
             if len(data) >= (1 - RATE_TOLERANCE) * target:
                 break
-    return best
-
-
-def _quantizer_params(data: bytes) -> bytes:
-    return container.read_layout(io.BytesIO(data)).header.quantizer_params
+    return best, float(np.exp(high))
 
 
 def padded_rgb(image: Image.Image) -> np.ndarray:
