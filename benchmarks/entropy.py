@@ -37,7 +37,8 @@ def main() -> None:
             pixels.append(image.width * image.height)
     zstd, ctx1 = ZstdCoder(), ContextCoder()
     print(f"\n{args.model}, {len(files)} images from {args.images}\n")
-    print("| step | zstd bytes/img | ctx1 bytes/img (params+payload) | saving | ctx1 bpp | ctx1 encode ms | ctx1 decode ms |")
+    print("| step | zstd bytes/img | ctx1 bytes/img (params+payload) | saving | ctx1 bpp "
+          "| ctx1 encode ms | ctx1 decode ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for step in args.steps:
         sizes_z, sizes_c, enc_s, dec_s = [], [], [], []

@@ -6,9 +6,11 @@ For TAESD (real weights) and the full SD VAE (random weights of sd-vae-ft-mse's 
 time do not depend on the values) it prints, per phase: ms per megapixel, GFLOP counted by
 torch.utils.flop_counter, achieved GFLOP/s and its share of the measured float32 (CPU) or half-precision
 (GPU) matrix-product ceiling, and peak memory (each measurement in a fresh process: peak RSS on the CPU,
-peak allocated on CUDA). ``plain`` is diffusers as it comes; ``codec`` is what pillow_sdlatent runs.
+peak allocated on CUDA). ``plain`` is diffusers as it comes; ``torch`` and ``onnxruntime`` are the
+codec's two runtimes (``onnxruntime`` is the codec's default for TAESD on a CPU when it is installed).
 ``--large`` adds the bounded-memory checks: a 24-megapixel round trip's peak memory, the tiled-vs-untiled
-PSNR, and the 1/8-scale preview's time and PSNR. Writes benchmarks/results/speed_<device>.json.
+PSNR, and the 1/8-scale preview's time and PSNR; ``--models`` with no names runs only those.
+Writes benchmarks/results/speed_<device>.json.
 """
 
 from __future__ import annotations
@@ -52,15 +54,27 @@ def _timed(fn: Any, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_ceiling(device: str, size: int = 2048) -> float:
-    """GFLOP/s of a large square matrix product: float32 on the CPU, float16 on a GPU."""
+def matmul_ceiling(device: str, sizes: tuple[int, ...] = (2048, 3072, 4096)) -> float:
+    """Best GFLOP/s of large square matrix products: float32 on the CPU, float16 on a GPU.
+
+    The best of several sizes and repeats, because a single 2048 product on a 2-core CPU reads 30-40%
+    under what the BLAS sustains at 4096 (clock ramp-up, cache effects), which would flatter the ratio.
+    """
     import torch
 
     dtype = torch.float32 if device == "cpu" else torch.float16
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = _timed(lambda: torch.mm(a, b), device, 5)
-    return 2 * size**3 / seconds / 1e9
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        torch.mm(a, b)
+        for _ in range(5):
+            _sync(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def sd_vae_random() -> Any:
@@ -76,8 +90,21 @@ def sd_vae_random() -> Any:
     )
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM): unlike ru_maxrss it does not carry over the
+    parent's peak into a spawned worker."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: an upper bound
+
+
 def measure(job: dict[str, Any]) -> dict[str, Any]:
-    """One (model, variant, phase) measurement; runs in a fresh process so peak memory is its own."""
+    """One (model, variant, phase) measurement; runs in a fresh process so peak memory is its own.
+
+    Variants: ``plain`` is diffusers as it comes (float32, contiguous, no_grad); ``torch`` and
+    ``onnxruntime`` are the codec's two runtimes (models.LatentModel).
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -95,22 +122,27 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         decode = lambda z: module.decode(z)  # noqa: E731
         dtype = torch.float32
         context = torch.no_grad
+        count_encode, count_decode = encode, decode
     else:
-        model = models.LatentModel(spec, module, device, models.default_dtype(device))
+        model = models.LatentModel(spec, module, device, models.default_dtype(device), variant)
         encode, decode, dtype, context = model.encode, model.decode, model.dtype, torch.inference_mode
+        torch_model = models.LatentModel(spec, module, device, models.default_dtype(device))
+        count_encode, count_decode = torch_model.encode, torch_model.decode  # ORT runs the same graph
     pixels = torch.rand(1, 3, HEIGHT, WIDTH, device=device) * 2 - 1
     latent = torch.randn(1, spec.channels, HEIGHT // 8, WIDTH // 8, device=device)
-    run = (lambda: encode(pixels.to(dtype))) if phase == "encode" else (lambda: decode(latent.to(dtype)))
+    if phase == "encode":
+        run, count = (lambda: encode(pixels.to(dtype))), (lambda: count_encode(pixels.to(dtype)))
+    else:
+        run, count = (lambda: decode(latent.to(dtype))), (lambda: count_decode(latent.to(dtype)))
     with context():
         counter = FlopCounterMode(display=False)
         with counter:
-            run()
+            count()
         flops = counter.get_total_flops()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         seconds = _timed(run, device, job["repeats"])
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
     return {**job, "seconds": seconds, "ms_per_mp": seconds * 1e3 / (WIDTH * HEIGHT / 1e6),
             "gflop": flops / 1e9, "gflops": flops / seconds / 1e9, "peak_mib": peak / 2**20}
 
@@ -165,15 +197,15 @@ def _round_trip_24mp(device: str) -> dict[str, Any]:
 
     with Image.open(KODAK / "kodim23.png") as photo:
         big = photo.convert("RGB").resize((6000, 4000), Image.Resampling.BICUBIC)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = peak_rss_bytes()
     start = time.perf_counter()
     buffer = io.BytesIO()
     big.save(buffer, format="SDL", device=device)
     encoded = time.perf_counter() - start
     image = codec.decode_file(buffer.getvalue(), device=device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_bytes()
     assert image.size == big.size and pillow_sdlatent
-    return {"24mp_peak_rss_mib": peak / 1024, "24mp_rss_before_mib": baseline / 1024,
+    return {"24mp_peak_rss_mib": peak / 2**20, "24mp_rss_before_mib": baseline / 2**20,
             "24mp_encode_s": encoded, "24mp_decode_s": time.perf_counter() - start - encoded,
             "24mp_bytes": buffer.tell(), "24mp_psnr_db": _psnr(np.asarray(big), np.asarray(image))}
 
@@ -187,16 +219,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["taesd", "sd-vae"])
+    parser.add_argument("--models", nargs="*", default=["taesd", "sd-vae"],
+                        help="models for the speed table (none: only --large)")
     parser.add_argument("--large", action="store_true", help="add the 24-MP, tiling and preview checks")
     args = parser.parse_args()
     import torch
 
+    from pillow_sdlatent import models
+
     ceiling = matmul_ceiling(args.device)
     hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    defaults = {m: models.resolve_runtime(models.get_spec(m), args.device) for m in args.models}
     jobs = [{"model": m, "variant": v, "phase": p, "device": args.device, "repeats": args.repeats}
-            for m in args.models for v in ("plain", "codec") for p in ("encode", "decode")]
+            for m in args.models for v in ("plain", *dict.fromkeys(("torch", defaults[m])))
+            for p in ("encode", "decode")]
     context = multiprocessing.get_context("spawn")
     rows = []
     for job in jobs:
@@ -213,10 +250,10 @@ def main() -> None:
         print(f"| {r['model']} | {r['variant']} | {r['phase']} | {r['ms_per_mp']:.0f} | {r['gflop']:.0f} | "
               f"{r['gflops']:.0f} | {r['ceiling_share']:.0%} | {r['peak_mib']:.0f} |")
     for model in args.models:
-        trip = [r for r in rows if r["model"] == model and r["variant"] == "codec"]
+        trip = [r for r in rows if r["model"] == model and r["variant"] == defaults[model]]
         share = sum(r["gflop"] for r in trip) / sum(r["seconds"] for r in trip) / ceiling
-        print(f"\n{model} codec round trip: {sum(r['seconds'] for r in trip):.2f} s for 768x512, "
-              f"{share:.0%} of the ceiling")
+        print(f"\n{model} round trip as the codec runs it ({defaults[model]}): "
+              f"{sum(r['seconds'] for r in trip):.2f} s for 768x512, {share:.0%} of the ceiling")
     report = {"device": args.device, "hardware": hardware, "ceiling_gflops": ceiling, "rows": rows}
     if args.large:
         report["large"] = large_checks(args.device)

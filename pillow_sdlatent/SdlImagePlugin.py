@@ -45,7 +45,7 @@ class SdlImageFile(ImageFile.ImageFile):
         self._mode = header.mode
         self.info.update(self.layout.metadata)
         self.info["sdl"] = {
-            "version": "%d.%d" % self.layout.version,
+            "version": "{}.{}".format(*self.layout.version),
             "model": header.model,
             "original_mode": header.original_mode,
             "latent_shape": header.latent_shape,

@@ -57,7 +57,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
             with Image.open(source) as image:
                 image.load()
                 images.append(image)
-        for source, data in zip(sources, encode_images(images, options)):
+        for source, data in zip(sources, encode_images(images, options), strict=True):
             atomic_write(Path(args.output) if args.output else _output_path(source, args.out_dir, ".sdl"), data)
 
     return _run_all(args.inputs, "encode", encode_batch, args.batch)
@@ -68,7 +68,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     def decode_batch(sources: list[Path]) -> None:
         images = decode_files(sources, model=args.model, device=args.device, weights=args.weights)
-        for source, image in zip(sources, images):
+        for source, image in zip(sources, images, strict=True):
             target = Path(args.output) if args.output else _output_path(source, args.out_dir, f".{args.format}")
             with tempfile.SpooledTemporaryFile() as buffer:
                 image.save(buffer, format=Image.registered_extensions().get(f".{args.format}", args.format))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from collections.abc import Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -206,7 +207,7 @@ def encode_images(images: Sequence[Image.Image], info: dict[str, Any] | None = N
         size = batch_size or model.tile_batch
         for first in range(0, len(indices), size):
             chunk = indices[first : first + size]
-            for index, latent in zip(chunk, model.encode_images([jobs[i].rgb for i in chunk])):
+            for index, latent in zip(chunk, model.encode_images([jobs[i].rgb for i in chunk]), strict=True):
                 latents[index] = latent
             for index in chunk:
                 results[index] = jobs[index].finish(latents.pop(index))
@@ -239,7 +240,7 @@ def decode_files(sources: Sequence[str | os.PathLike | IO[bytes] | bytes], *, ba
         size = batch_size or decoder.tile_batch
         for first in range(0, len(indices), size):
             chunk = indices[first : first + size]
-            for index, rgb in zip(chunk, decoder.decode_images([prepared[i][1] for i in chunk])):
+            for index, rgb in zip(chunk, decoder.decode_images([prepared[i][1] for i in chunk]), strict=True):
                 layout, _, alpha, _ = prepared[index]
                 header = layout.header
                 image = Image.fromarray(np.ascontiguousarray(rgb[: header.height, : header.width]), "RGB")
@@ -462,7 +463,7 @@ def preview_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = Fal
 
 def preview_features(latent: np.ndarray) -> np.ndarray:
     """(C, H, W) latent -> (H, W, 9C): each cell with its 3x3 neighbourhood (edges replicated)."""
-    channels, height, width = latent.shape
+    _, height, width = latent.shape
     padded = np.pad(latent, ((0, 0), (1, 1), (1, 1)), mode="edge")
     shifted = [padded[:, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)]
     return np.concatenate(shifted, axis=0).transpose(1, 2, 0)
@@ -525,21 +526,13 @@ def decode_file(source: str | os.PathLike | IO[bytes] | bytes, **decoder_options
     return image
 
 
-class _open_binary:
-    """Context manager: a readable binary file for a path, bytes or an open file (left open)."""
-
-    def __init__(self, source: str | os.PathLike | IO[bytes] | bytes) -> None:
-        self.source = source
-        self.owned: IO[bytes] | None = None
-
-    def __enter__(self) -> IO[bytes]:
-        if isinstance(self.source, (bytes, bytearray, memoryview)):
-            return io.BytesIO(bytes(self.source))
-        if isinstance(self.source, (str, os.PathLike)):
-            self.owned = open(self.source, "rb")
-            return self.owned
-        return self.source
-
-    def __exit__(self, *exc: object) -> None:
-        if self.owned is not None:
-            self.owned.close()
+@contextlib.contextmanager
+def _open_binary(source: str | os.PathLike | IO[bytes] | bytes) -> Iterator[IO[bytes]]:
+    """A readable binary file for a path, bytes or an open file (which is left open)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield io.BytesIO(bytes(source))
+    elif isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as fp:
+            yield fp
+    else:
+        yield source

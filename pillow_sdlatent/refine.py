@@ -46,7 +46,7 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
     return best[0].cpu().numpy()
 
 
-def _decoder_fn(model: object):  # noqa: ANN202 - returns a torch callable
+def _decoder_fn(model: object):
     """Differentiable decode in float32 with the codec's latent convention."""
     import torch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,32 @@ def test_single_file_tiny_weights(tmp_path: Path, photo: Image.Image) -> None:
     save_file({"x": torch.zeros(1)}, str(bad))
     with pytest.raises(OSError, match="AutoencoderTiny layout"):
         load_model("taesd", weights=bad)
+
+
+def test_onnxruntime_and_torch_runtimes_agree(photo: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU default (ONNX Runtime) runs the same network as torch: same latent, pixels within one level."""
+    ort_model, torch_model = load_model("taesd"), load_model("taesd", runtime="torch")
+    assert (ort_model.runtime, torch_model.runtime) == ("onnxruntime", "torch")
+    rgb = codec.padded_rgb(photo)
+    latent = ort_model.encode_image(rgb)
+    assert np.abs(latent - torch_model.encode_image(rgb)).max() < 1e-3
+    by_ort, by_torch = ort_model.decode_image(latent), torch_model.decode_image(latent)
+    assert np.abs(by_ort.astype(int) - by_torch).max() <= 1 and np.mean(by_ort != by_torch) < 1e-3
+    # tiled images and batches of odd sizes go through the same dynamic-shape session
+    odd = np.random.default_rng(0).standard_normal((2, 4, 9, 13)).astype(np.float32)
+    assert [a.shape for a in ort_model.decode_images(list(odd))] == [(72, 104, 3)] * 2
+    monkeypatch.setenv(models.RUNTIME_ENV, "torch")
+    assert load_model("taesd") is torch_model
+
+
+def test_runtime_choice_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    taesd, sd_vae = models.get_spec("taesd"), models.get_spec("sd-vae")
+    assert models.resolve_runtime(taesd, "cpu") == "onnxruntime"
+    assert models.resolve_runtime(taesd, "cuda") == "torch"  # ORT is the CPU path only
+    assert models.resolve_runtime(sd_vae, "cpu", "onnxruntime") == "torch"  # the KL VAE is not exported
+    with pytest.raises(ValueError, match="unknown runtime"):
+        models.resolve_runtime(taesd, "cpu", "tensorrt")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert models.resolve_runtime(taesd, "cpu") == "torch"
+    with pytest.raises(ImportError, match="onnxruntime"):
+        models.resolve_runtime(taesd, "cpu", "onnxruntime")
