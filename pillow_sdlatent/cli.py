@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdl", description="Stable Diffusion latent image files (.sdl).")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def model_options(sub: argparse.ArgumentParser, model_default: str | None) -> None:
-        sub.add_argument("--model", default=model_default, help="model name (default: %(default)s)")
+    def model_options(sub: argparse.ArgumentParser, model_help: str) -> None:
+        sub.add_argument("--model", help=f"model name (default: {model_help})")
         sub.add_argument("--device", help="cpu, cuda, mps (default: $PILLOW_SDLATENT_DEVICE or the best available)")
         sub.add_argument("--weights", help="a folder or .safetensors file holding the model's weights")
         sub.add_argument("-o", "--output", help="output file (one input only)")
@@ -119,13 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--bpp", type=float, help="target bits per pixel (the file lands within 3%% under)")
     rate.add_argument("--max-bytes", type=int, help="largest file size in bytes")
     encode.add_argument("--effort", type=int, default=0, help="0 (fast) .. 3: time spent refining the latent")
-    model_options(encode, "taesd")
+    model_options(encode, "taesd, or taesd3 at high rates")
     encode.set_defaults(run=cmd_encode)
 
     decode = commands.add_parser("decode", help="decode .sdl files to another format")
     decode.add_argument("inputs", nargs="+", type=Path)
     decode.add_argument("--format", default="png", help="output extension (default: %(default)s)")
-    model_options(decode, None)
+    model_options(decode, "the file's own")
     decode.set_defaults(run=cmd_decode)
 
     info = commands.add_parser("info", help="print headers without decoding")

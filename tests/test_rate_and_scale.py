@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,39 @@ def test_batches_match_single_images(photo: Image.Image) -> None:
     for image, data, out in zip(images, singles, decoded, strict=True):
         assert out.mode == image.mode
         assert psnr(codec.decode_file(data), out) > 40
+
+
+def _model_of(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.info["sdl"]["model"]
+
+
+def test_high_rates_pick_the_model_that_wins_there(square: Image.Image) -> None:
+    """Above ~0.28 bpp taesd sits at its own round-trip ceiling and taesd3 wins, unless a model is named."""
+    assert _model_of(encoded(square, bpp=0.2)) == "taesd"
+    auto, fixed = encoded(square, bpp=0.5), encoded(square, bpp=0.5, model="taesd")
+    assert (_model_of(auto), _model_of(fixed)) == ("taesd3", "taesd")
+    target = 0.5 * square.width * square.height / 8
+    assert 0.97 * target <= len(auto) <= target
+    gain = psnr(square, codec.decode_file(auto)) - psnr(square, codec.decode_file(fixed))
+    print(f"\nat 0.5 bpp taesd3 over taesd: {gain:+.2f} dB")
+    assert gain > 1.0
+    qualities = (codec.HIGH_RATE_QUALITY - 1, codec.HIGH_RATE_QUALITY, 100)
+    below, above, best = (encoded(square, quality=q) for q in qualities)
+    assert [_model_of(d) for d in (below, above, best)] == ["taesd", "taesd3", "taesd3"]
+    assert len(below) < len(above) < len(best)
+    assert psnr(square, codec.decode_file(below)) < psnr(square, codec.decode_file(above)) < psnr(
+        square, codec.decode_file(best))
+
+
+def test_missing_high_rate_weights_fall_back_with_a_warning(square: Image.Image, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = Path(os.environ[models.MODELS_ENV]).resolve()
+    for part in ("encoder", "decoder"):
+        (tmp_path / f"taesd_{part}.safetensors").symlink_to(shared / f"taesd_{part}.safetensors")
+    monkeypatch.setenv(models.MODELS_ENV, str(tmp_path))
+    with pytest.warns(UserWarning, match="taesd3"):
+        data = encoded(square, quality=95)
+    assert _model_of(data) == "taesd"
+    with pytest.raises(models.WeightsNotFoundError):
+        encoded(square, quality=95, model="taesd3")
