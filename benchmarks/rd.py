@@ -6,6 +6,7 @@ can be averaged per parameter. Writes one CSV row per (configuration, image, poi
 BD-rate tables (Markdown) and RD plots. See benchmarks/README.md.
 
     python benchmarks/rd.py --limit 3                      # quick look
+    python benchmarks/rd.py --codecs sdl --models taesd,taesd3,taef1 --images ../shared/data/train --every 40
     python benchmarks/rd.py --codecs jpeg,avif,sdl --models taesd --sdl-config "" --sdl-config "effort=2"
     python benchmarks/rd.py --from-csv docs/rd/rd.csv      # tables and plots only
 """
@@ -344,8 +345,10 @@ def build_codecs(args: argparse.Namespace, autoencoders: Autoencoders) -> list[C
     return codecs
 
 
-def image_paths(folder: Path, limit: int | None) -> list[Path]:
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+def image_paths(folder: Path, limit: int | None, every: int = 1) -> list[Path]:
+    """Images under ``folder`` and its subfolders, sorted by path; every ``every``-th, then the first ``limit``."""
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = found[::every][:limit]
     if not paths:
         raise SystemExit(f"no images in {folder}")
     return paths
@@ -367,7 +370,7 @@ def run(args: argparse.Namespace, csv_path: Path) -> list[dict[str, Any]]:
     codecs = build_codecs(args, autoencoders)
     if not codecs:
         raise SystemExit("nothing to run")
-    paths = image_paths(args.images, args.limit)
+    paths = image_paths(args.images, args.limit, args.every)
     stlpips = STLPIPS()
     rows: list[dict[str, Any]] = []
     with open(csv_path, "w", newline="") as handle, tqdm(
@@ -521,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of test images (default: Kodak)")
     parser.add_argument("--limit", type=int, help="use only the first N images (sorted by name)")
+    parser.add_argument("--every", type=int, default=1, help="use every N-th image (e.g. 40 of the training set)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "rd", help="folder for rd.md and rd_*.png")
     parser.add_argument("--csv", type=Path, help="where to write the points (default OUT/rd.csv)")
     parser.add_argument("--codecs", default="jpeg,webp,avif,jxl,orig,sdl", help=f"comma list from {sorted(GRIDS)}")
