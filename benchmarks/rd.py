@@ -39,6 +39,8 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "kodak"
 DEFAULT_MODELS_DIR = REPO.parent / "shared" / "models" / "taesd"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp"}
 TAESD_CHANNELS = {"taesd": 4, "taesdxl": 4, "taesd3": 16, "taef1": 16}
+#: an sdl "model" that names none, so that the codec picks the model per rate
+AUTO = "auto"
 
 #: parameter grids: each starts at its codec's lowest rate; the classic ones end near 0.6 bpp on the Kodak average
 GRIDS: dict[str, list[int]] = {
@@ -316,9 +318,9 @@ def build_codecs(args: argparse.Namespace, autoencoders: Autoencoders) -> list[C
             raise SystemExit(f"bad --grid {item!r}; expected CODEC=P1,P2 with CODEC from {sorted(GRIDS)}")
         grids[name] = [int(v) for v in values.split(",")]
     models = list(TAESD_CHANNELS) if args.models == "all" else args.models.split(",")
-    if set(models) - set(TAESD_CHANNELS):
-        raise SystemExit(f"unknown models {sorted(set(models) - set(TAESD_CHANNELS))}; "
-                         f"choose from {sorted(TAESD_CHANNELS)}")
+    if set(models) - {*TAESD_CHANNELS, AUTO}:
+        raise SystemExit(f"unknown models {sorted(set(models) - {*TAESD_CHANNELS, AUTO})}; "
+                         f"choose from {sorted(TAESD_CHANNELS)} or {AUTO!r}")
     fixed = {"jpeg": ("JPEG", {"optimize": True}), "webp": ("WEBP", {"method": 6}),
              "avif": ("AVIF", {"max_threads": args.threads}), "jxl": ("JXL", {"num_threads": args.threads})}
     codecs: list[Codec] = []
@@ -327,7 +329,7 @@ def build_codecs(args: argparse.Namespace, autoencoders: Autoencoders) -> list[C
             fmt, options = fixed[name]
             codecs.append(PillowCodec(name, fmt, grids[name], options))
         elif name == "orig":
-            four = [m for m in models if TAESD_CHANNELS[m] == 4]
+            four = [m for m in models if TAESD_CHANNELS.get(m) == 4]
             if len(four) < len(models):
                 print("orig recipe: 16-channel models have no 4-channel palette form; running it on "
                       f"{four or 'no model'} only", file=sys.stderr)
@@ -341,7 +343,8 @@ def build_codecs(args: argparse.Namespace, autoencoders: Autoencoders) -> list[C
             for config in args.sdl_config or [""]:
                 options = {**shared, **parse_options(config)}
                 text = " ".join(f"{k}={v}" for k, v in options.items())
-                codecs += [PillowCodec("sdl", "SDL", grids["sdl"], {"model": m, **options}, m, text) for m in models]
+                codecs += [PillowCodec("sdl", "SDL", grids["sdl"], {**options, **({} if m == AUTO else {"model": m})},
+                                       m, text) for m in models]
     return codecs
 
 
@@ -529,7 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", type=Path, help="where to write the points (default OUT/rd.csv)")
     parser.add_argument("--codecs", default="jpeg,webp,avif,jxl,orig,sdl", help=f"comma list from {sorted(GRIDS)}")
     parser.add_argument("--models", default="taesd",
-                        help=f"TAESD models for sdl and orig, comma list from {list(TAESD_CHANNELS)} or 'all'")
+                        help=f"TAESD models for sdl and orig, comma list from {list(TAESD_CHANNELS)} or 'all'; "
+                             f"for sdl also {AUTO!r} (no model named: the codec picks one per rate)")
     parser.add_argument("--models-dir", type=Path,
                         default=Path(os.environ.get("PILLOW_SDLATENT_MODELS") or DEFAULT_MODELS_DIR),
                         help="folder with {model}_encoder/decoder.safetensors")

@@ -104,7 +104,7 @@ def _model_of(data: bytes) -> str:
 
 
 def test_high_rates_pick_the_model_that_wins_there(square: Image.Image) -> None:
-    """Above ~0.28 bpp taesd sits at its own round-trip ceiling and taesd3 wins, unless a model is named."""
+    """Above ~0.3 bpp taesd sits at its own round-trip ceiling and taesd3 wins, unless a model is named."""
     assert _model_of(encoded(square, bpp=0.2)) == "taesd"
     auto, fixed = encoded(square, bpp=0.5), encoded(square, bpp=0.5, model="taesd")
     assert (_model_of(auto), _model_of(fixed)) == ("taesd3", "taesd")
