@@ -33,7 +33,7 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
     z = torch.from_numpy(np.ascontiguousarray(latent))[None].to(device).float().requires_grad_(True)
     start = z.detach().clone()
     optimizer = torch.optim.Adam([z], lr=0.1 * step)
-    decode = _decoder_fn(model)
+    decode = _pipeline(model, step)
     best, best_loss = start, float("inf")
     for _ in range(iterations):
         quantized = z + (torch.round(z / step) * step - z).detach()  # straight-through rounding
@@ -44,6 +44,22 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
         loss.backward()
         optimizer.step()
     return best[0].cpu().numpy()
+
+
+def _pipeline(model: object, step: float):
+    """What the decoder side will run on the dequantized latent: the restorer where it is on by
+    default at this step, then the decoder; optimising against the decoder alone made effort
+    worse than none at those steps (the restorer then corrects errors the refinement already fixed)."""
+    import torch
+
+    from . import restore
+
+    decode = _decoder_fn(model)
+    name = model.spec.name  # type: ignore[attr-defined]
+    if not restore.has_restorer(name, step):
+        return decode
+    net, level = restore.restorer_net(name), torch.full((1, 1, 1, 1), float(step))
+    return lambda z: decode(net(z, level))
 
 
 def _decoder_fn(model: object):

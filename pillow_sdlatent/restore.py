@@ -110,8 +110,11 @@ def has_restorer(model_name: str, step: float | None = None) -> bool:
     return step is None or HELPFUL_STEPS[0] <= step <= HELPFUL_STEPS[1]
 
 
-def _net(model_name: str) -> torch.nn.Module:
-    """The restorer for the model's latent space, loaded once (thread-safe) and then shared."""
+def restorer_net(model_name: str) -> torch.nn.Module:
+    """The restorer for the model's latent space, loaded once (thread-safe) and then shared.
+
+    Its parameters are frozen; gradients still flow to its input (encoder effort uses that).
+    """
     path = _weights_for(model_name)
     if path is None:
         raise ValueError(f"no restorer for model {model_name!r}")
@@ -132,7 +135,7 @@ def restore_latent(latent: np.ndarray, step: float, model_name: str) -> np.ndarr
     """
     if not (isinstance(step, (int, float, np.floating)) and math.isfinite(step) and step > 0):
         raise ValueError(f"step must be a positive finite number, not {step!r}")
-    net = _net(model_name)
+    net = restorer_net(model_name)
     if latent.ndim != 3 or latent.shape[0] != net.head.in_channels - 1:
         raise ValueError(f"expected a ({net.head.in_channels - 1}, H, W) latent, got shape {latent.shape}")
     with torch.inference_mode():
