@@ -499,12 +499,14 @@ def plot(curves: dict[str, list[dict[str, float]]], out: Path, n_images: int) ->
     import matplotlib.pyplot as plt
 
     paths = []
+    palette = plt.get_cmap("tab20").colors  # one colour per curve: the default cycle repeats after 10
     for metric, (name, label, higher) in METRICS.items():
         fig, ax = plt.subplots(figsize=(8, 5.5))
-        for config, points in curves.items():
+        for index, (config, points) in enumerate(curves.items()):
             style = ({"lw": 2.2, "ls": "-"} if config.startswith("sdl/") else
                      {"lw": 1.4, "ls": "--"} if config.startswith("orig-") else {"lw": 1.2, "ls": "-"})
-            ax.plot([p["bpp"] for p in points], [p[metric] for p in points], marker="o", ms=3, label=config, **style)
+            ax.plot([p["bpp"] for p in points], [p[metric] for p in points], marker="o", ms=3, label=config,
+                    color=palette[(2 * index) % 20 + (2 * index) // 20 % 2], **style)
         visible = [p[metric] for ps in curves.values() for p in ps if p["bpp"] <= 0.6 and math.isfinite(p[metric])]
         if visible:
             pad = 0.05 * (max(visible) - min(visible) or 1)
