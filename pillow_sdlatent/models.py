@@ -467,6 +467,6 @@ def _from_hub(spec: ModelSpec) -> tuple[torch.nn.Module | None, str]:
     for local_only in attempts:
         try:
             return _from_diffusers(spec, spec.hub_id, local_files_only=local_only), ""
-        except Exception:
+        except Exception:  # any hub failure means "not found here"; the caller reports where it looked
             continue
     return None, "cache (HF_HUB_OFFLINE set, hub skipped)" if offline else "cache and hub (unreachable or missing)"
