@@ -50,7 +50,7 @@ def _import_stlpips() -> types.ModuleType:
 
     ``stlpips.py`` imports ``torchsummary.summary`` (only for a debug print),
     ``pretrained_networks``/``invariant_networks`` import ``torchvision.models``
-    (only for the non-shift-tolerant and VGG/SqueezeNet/ResNet trunks) and
+    (only for the non-shift-tolerant and SqueezeNet/ResNet trunks) and
     ``models_lpf.downsample``/``invariant_networks`` import ``IPython.embed``.
     A real module is used when it imports. Stand-ins raise if anything calls
     them, and leave ``sys.modules`` right after the import, so that later
@@ -81,17 +81,21 @@ def _import_stlpips() -> types.ModuleType:
 
 
 class STLPIPS:
-    """Shift-tolerant LPIPS (Ghildyal & Liu 2022), AlexNet trunk, lower is better.
+    """Shift-tolerant LPIPS (Ghildyal & Liu 2022), lower is better.
+
+    ``trunk="alex"`` is the benchmark's metric. ``"vgg"`` (the package ships that whole
+    network too) is a second, independent perceptual network: training uses it, so that
+    the benchmark does not score with the network a model was trained against.
 
     The package loads its weights with ``strict=False``, which would silently
     leave a random trunk if the file did not match; we load them again strictly
     (apart from ``lins.*``, which alias ``lin0..lin4``) to be sure.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trunk: str = "alex") -> None:
         stlpips = _import_stlpips()
-        self.net = stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False).eval()
-        weights = Path(stlpips.__file__).parent / "weights" / "vST0.0" / "alex_shift_tolerant.pth"
+        self.net = stlpips.LPIPS(net=trunk, variant="shift_tolerant", verbose=False).eval()
+        weights = Path(stlpips.__file__).parent / "weights" / "vST0.0" / f"{trunk}_shift_tolerant.pth"
         state = torch.load(weights, map_location="cpu", weights_only=True)
         result = self.net.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("lins.")]

@@ -9,6 +9,8 @@ straight-through rounding at the step that will be used to store it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -17,10 +19,14 @@ ITERATIONS = {0: 0, 1: 8, 2: 24, 3: 64}
 MAX_EFFORT = max(ITERATIONS)
 
 
-def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: float, effort: int) -> np.ndarray:
+def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: float, effort: int,
+                  distance: Callable[[Any, Any], Any] | None = None) -> np.ndarray:
     """Return a latent (same shape) whose quantization at ``step`` decodes closer to ``rgb``.
 
     ``rgb`` is the (8h, 8w, 3) uint8 image the latent was encoded from (already padded).
+    ``distance(decoded, target)``, both (1, 3, H, W) in [-1, 1], is an optional differentiable
+    perceptual term added to the squared error, each divided by its value at the first step. The
+    codec passes none; ``benchmarks/perceptual_effort.py`` measures one.
     Deterministic for a given device: no randomness, a fixed iteration count.
     """
     iterations = ITERATIONS[effort]
@@ -34,10 +40,15 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
     start = z.detach().clone()
     optimizer = torch.optim.Adam([z], lr=0.1 * step)
     decode = _pipeline(model, step)
-    best, best_loss = start, float("inf")
+    best, best_loss, first = start, float("inf"), None
     for _ in range(iterations):
         quantized = z + (torch.round(z / step) * step - z).detach()  # straight-through rounding
-        loss = torch.mean((decode(quantized) - target) ** 2)
+        decoded = decode(quantized)
+        terms = [torch.mean((decoded - target) ** 2)]
+        if distance is not None:
+            terms.append(distance(decoded.clamp(-1, 1), target).mean())
+        first = first or [max(t.item(), 1e-12) for t in terms]
+        loss = sum(t / f for t, f in zip(terms, first, strict=True)) if distance is not None else terms[0]
         if loss.item() < best_loss:
             best, best_loss = z.detach().clone(), loss.item()
         optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ The restorer runs on the CPU in float32, so its output does not depend on the de
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from pathlib import Path
@@ -46,12 +47,13 @@ class RestorerNet(nn.Module):
     so the network predicts the residual in units of the quantization step at every rate.
     """
 
-    def __init__(self, channels: int = 4, width: int = 32, inner: int = 64) -> None:
+    def __init__(self, channels: int = 4, width: int = 32, inner: int = 64, depth: int = 2) -> None:
         super().__init__()
+        self.config = {"channels": channels, "width": width, "inner": inner, "depth": depth}
         self.head = nn.Conv2d(channels + 1, width, 3, padding=1)
         self.enc = ResBlock(width)
         self.down = nn.Conv2d(width, inner, 3, stride=2, padding=1)
-        self.mid = nn.Sequential(ResBlock(inner), ResBlock(inner))
+        self.mid = nn.Sequential(*(ResBlock(inner) for _ in range(depth)))
         self.up = nn.Conv2d(inner, 4 * width, 1)
         self.dec = ResBlock(width)
         self.tail = nn.Conv2d(width, channels, 3, padding=1)
@@ -68,24 +70,31 @@ class RestorerNet(nn.Module):
         return latent + step * self.tail(torch.relu(x))
 
 
-def save_weights(net: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Store as float16 safetensors: half the size, and restoring is insensitive to that rounding."""
+def save_weights(net: RestorerNet, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Store as float16 safetensors with the network's sizes: restoring is insensitive to that rounding."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").half().contiguous() for k, v in net.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"arch": ARCH_VERSION, **(metadata or {})})
+    save_file(state, str(path), metadata={"arch": ARCH_VERSION, "config": json.dumps(net.config), **(metadata or {})})
 
 
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """The float32 state dict of a weights file; ``ValueError`` for another architecture version."""
+def load_net(path: Path) -> RestorerNet:
+    """The float32 network a weights file holds; ``ValueError`` for another architecture version."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        arch = (f.metadata() or {}).get("arch")
-        if arch != ARCH_VERSION:
-            raise ValueError(f"{path.name}: restorer architecture {arch!r}, this build expects {ARCH_VERSION!r}")
-        return {key: f.get_tensor(key).float() for key in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        meta = f.metadata() or {}
+        if meta.get("arch") != ARCH_VERSION:
+            raise ValueError(f"{path.name}: restorer architecture {meta.get('arch')!r}, this build expects "
+                             f"{ARCH_VERSION!r}")
+        config = json.loads(meta.get("config", "{}"))
+        if set(config) - {"channels", "width", "inner", "depth"} or not all(
+                isinstance(v, int) and 1 <= v <= 1024 for v in config.values()):
+            raise ValueError(f"{path.name}: bad restorer config {config!r}")
+        net = RestorerNet(**config)
+        net.load_state_dict({key: f.get_tensor(key).float() for key in f.keys()}, strict=True)  # noqa: SIM118
+    return net
 
 
 _nets: dict[str, torch.nn.Module] = {}
@@ -121,9 +130,7 @@ def restorer_net(model_name: str) -> torch.nn.Module:
     key = str(path)
     with _lock:
         if key not in _nets:
-            net = RestorerNet()
-            net.load_state_dict(load_state(path), strict=True)
-            _nets[key] = net.eval().requires_grad_(False)
+            _nets[key] = load_net(path).eval().requires_grad_(False)
         return _nets[key]
 
 

@@ -54,6 +54,30 @@ def test_effort_improves_fidelity_at_the_same_quality(photo: Image.Image) -> Non
         encoded(photo, effort=9)
 
 
+def test_effort_adds_a_given_distance_to_its_objective(photo: Image.Image) -> None:
+    """``refine_latent(distance=...)`` (benchmarks/perceptual_effort.py) optimises that term as well."""
+    import torch
+
+    from pillow_sdlatent import refine
+
+    def edge_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return sum((torch.diff(a, dim=d) - torch.diff(b, dim=d)).abs().mean() for d in (-1, -2))
+
+    model = models.load_model("taesd", runtime="torch")
+    rgb = codec.padded_rgb(photo)
+    latent, step = model.encode_image(rgb), 1.0
+    target = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+    def edges_after(candidate: np.ndarray) -> float:
+        decoded = model.decode_image(np.rint(candidate / step) * step)
+        return float(edge_distance(torch.from_numpy(decoded).permute(2, 0, 1)[None].float() / 127.5 - 1, target))
+
+    plain = edges_after(refine.refine_latent(model, latent, rgb, step, 1))
+    with_edges = edges_after(refine.refine_latent(model, latent, rgb, step, 1, distance=edge_distance))
+    print(f"\nedge distance after effort 1: {plain:.4f} squared error only, {with_edges:.4f} with the term")
+    assert with_edges < plain
+
+
 def test_tiles_blend_without_visible_seams(square: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:
     model = models.load_model("taesd")
     rgb = np.asarray(square.resize((640, 384)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,13 +22,30 @@ COARSE_STEP = 1.0
 def test_weights_ship_small_and_load() -> None:
     path = restore.WEIGHTS_DIR / restore.WEIGHTS["sd1"]
     assert path.is_file() and path.stat().st_size < 1_000_000
-    state = restore.load_state(path)
-    assert sum(v.numel() for v in state.values()) < 250_000
+    assert sum(v.numel() for v in restore.load_net(path).parameters()) < 250_000
     assert restore.has_restorer("taesd") and restore.has_restorer("sd-vae")
     assert not restore.has_restorer("taesd3") and not restore.has_restorer("taef1")
     assert restore.has_restorer("taesd", 1.0) and not restore.has_restorer("taesd", 0.2)
     with pytest.raises(ValueError, match="unknown model"):
         restore.has_restorer("nonsense")
+
+
+def test_weights_file_records_the_network_size(tmp_path: Path) -> None:
+    """Training may try other sizes; the file says which, so loading needs no code change."""
+    net = restore.RestorerNet(width=8, inner=16, depth=1)
+    restore.save_weights(net, tmp_path / "small.safetensors")
+    loaded = restore.load_net(tmp_path / "small.safetensors")
+    assert loaded.config == {"channels": 4, "width": 8, "inner": 16, "depth": 1} and len(loaded.mid) == 1
+    latent, step = torch.zeros(1, 4, 6, 6), torch.full((1, 1, 1, 1), 0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(latent, step), net(latent, step), atol=1e-2, rtol=1e-2)
+
+    from safetensors.torch import save_file
+
+    bad = {"arch": restore.ARCH_VERSION, "config": '{"width": 1e9}'}
+    save_file({}, str(tmp_path / "bad.safetensors"), metadata=bad)
+    with pytest.raises(ValueError, match="bad restorer config"):
+        restore.load_net(tmp_path / "bad.safetensors")
 
 
 def test_shape_dtype_deterministic() -> None:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))  # metrics.py: ST-LPIPS without torchvision
 
 from pillow_sdlatent import entropy  # noqa: E402
-from pillow_sdlatent.restore import WEIGHTS_DIR, RestorerNet, load_state, save_weights  # noqa: E402
+from pillow_sdlatent.restore import WEIGHTS_DIR, RestorerNet, load_net, save_weights  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "train"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pillow_sdlatent" / "restorer"
@@ -153,7 +153,7 @@ def val_latent_loss(net: RestorerNet, latents: torch.Tensor, steps: list[float])
 def train_latent(data: dict[str, dict[str, np.ndarray]], args: argparse.Namespace) -> RestorerNet:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    net = RestorerNet()
+    net = RestorerNet(width=args.width, inner=args.inner, depth=args.depth)
     latents = torch.from_numpy(data["train"]["latents"]).float()
     val = torch.from_numpy(data["val"]["latents"]).float()
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -193,7 +193,7 @@ def train_pixel(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], args: 
     from pillow_sdlatent.models import load_model
 
     autoencoder = load_model("taesd", device="cpu").module
-    lpips = STLPIPS().net
+    lpips = STLPIPS(args.perceptual).net
     generator = torch.Generator().manual_seed(args.seed + 1)
     latents = torch.from_numpy(data["train"]["latents"]).float()
     pixels = torch.from_numpy(data["train"]["pixels"]).permute(0, 3, 1, 2)
@@ -257,6 +257,9 @@ def main() -> None:
     parser.add_argument("--stages", default="cache,latent,pixel,val")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--width", type=int, default=32, help="restorer channels at latent resolution")
+    parser.add_argument("--inner", type=int, default=64, help="restorer channels at half resolution")
+    parser.add_argument("--depth", type=int, default=2, help="residual blocks at half resolution")
     parser.add_argument("--latent-iters", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--latent-crop", type=int, default=24)
@@ -266,6 +269,10 @@ def main() -> None:
     parser.add_argument("--pixel-crop", type=int, default=16)
     parser.add_argument("--pixel-lr", type=float, default=2e-4)
     parser.add_argument("--lpips-weight", type=float, default=1.0)
+    parser.add_argument("--perceptual", choices=("alex", "vgg"), default="alex",
+                        help="ST-LPIPS trunk of the pixel stage's perceptual term (the shipped weights: alex, "
+                             "the benchmark's metric; vgg is a different network, see training/README.md)")
+    parser.add_argument("--init", type=Path, help="start the pixel stage from these weights, not the latent stage's")
     parser.add_argument("--log-every", type=int, default=250)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -276,14 +283,15 @@ def main() -> None:
         return
     data = load_cache(args.cache, len(list_photos(args.data)))
     print(f"train crops {len(data['train']['latents'])}, val crops {len(data['val']['latents'])}", flush=True)
-    checkpoint = args.cache / "latent_stage.pt"
+    checkpoint = args.cache / f"latent_stage_w{args.width}_i{args.inner}_d{args.depth}.pt"
     if "latent" in stages:
         net = train_latent(data, args)
         torch.save(net.state_dict(), checkpoint)
+    elif args.init:
+        net = load_net(args.init)
     else:
-        net = RestorerNet()
-        net.load_state_dict(torch.load(checkpoint, weights_only=True) if checkpoint.exists()
-                            else load_state(args.out))
+        net = RestorerNet(width=args.width, inner=args.inner, depth=args.depth)
+        net.load_state_dict(torch.load(checkpoint, weights_only=True))
     if "pixel" in stages:
         train_pixel(net, data, args)
     net.eval()
