@@ -287,8 +287,8 @@ def main() -> None:
     if "latent" in stages:
         net = train_latent(data, args)
         torch.save(net.state_dict(), checkpoint)
-    elif args.init:
-        net = load_net(args.init)
+    elif args.init or not checkpoint.exists():
+        net = load_net(args.init or args.out)
     else:
         net = RestorerNet(width=args.width, inner=args.inner, depth=args.depth)
         net.load_state_dict(torch.load(checkpoint, weights_only=True))
