@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from rd import image_paths
 from torch import nn
 from tqdm import tqdm
 
@@ -26,17 +27,12 @@ from pillow_sdlatent.codec import padded_rgb
 from pillow_sdlatent.context_coder import PREV_TAPS, SAME_TAPS, ContextCoder
 from pillow_sdlatent.entropy import ZstdCoder
 from pillow_sdlatent.models import load_model
-from pillow_sdlatent.quantize import DEFAULT_STEP
+from pillow_sdlatent.quantize import DEFAULT_STEP, UniformQuantizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TRAIN_STEPS = (0.25, DEFAULT_STEP, 0.6)
 PAD = 2
 EARLIER_CHANNELS = 3
-
-
-def photos(folder: Path, every: int) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
-    return files[::every]
 
 
 def features(symbols: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
@@ -93,10 +89,10 @@ def main() -> None:
         return out
 
     def quantized(latent: np.ndarray, step: float) -> np.ndarray:
-        return np.rint(latent / np.float32(step)).astype(np.int32)
+        return UniformQuantizer.with_step(step, latent.shape[0]).quantize(latent)
 
     xs, ys, ss = [], [], []
-    for latent in latents(photos(args.train, args.every), "encode training photos"):
+    for latent in latents(image_paths(args.train, None, args.every), "encode training photos"):
         for step in TRAIN_STEPS:
             x, y = features(quantized(latent, step), step)
             xs.append(x), ys.append(y), ss.append(np.full(len(y), step, np.float32))
@@ -111,7 +107,7 @@ def main() -> None:
         optimizer.step()
 
     zstd = ctx1 = bound = 0.0
-    test = latents(photos(args.images, 1), "encode test photos")
+    test = latents(image_paths(args.images, None), "encode test photos")
     for latent in test:
         symbols = quantized(latent, DEFAULT_STEP)
         zstd += sum(map(len, ZstdCoder().encode(symbols)))

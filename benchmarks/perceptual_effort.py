@@ -24,6 +24,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bdrate import bd_rate
 from metrics import STLPIPS, psnr
+from rd import image_paths
 
 from pillow_sdlatent import refine, restore
 from pillow_sdlatent.codec import padded_rgb
@@ -45,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_model("taesd", runtime="torch")  # refinement needs torch's gradients
     alex, vgg = STLPIPS("alex"), STLPIPS("vgg").net
-    files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:args.limit]
+    files = image_paths(args.images, args.limit)
     variants = ("effort 0", f"effort {args.effort}, squared error", f"effort {args.effort}, + VGG ST-LPIPS")
     rows: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     for path, quality in tqdm([(f, q) for f in files for q in args.qualities], desc="points"):
