@@ -49,6 +49,7 @@ class SdlImageFile(ImageFile.ImageFile):
             "model": header.model,
             "original_mode": header.original_mode,
             "latent_shape": header.latent_shape,
+            "coded_size": header.coded,
             "quantizer": header.quantizer,
             "coder": header.coder,
         }

@@ -49,7 +49,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from .codec import encode_images
 
     options = {"quality": args.quality, "bpp": args.bpp, "max_bytes": args.max_bytes, "effort": args.effort,
-               "model": args.model, "device": args.device, "weights": args.weights}
+               "model": args.model, "device": args.device, "weights": args.weights, "scale": args.scale}
 
     def encode_batch(sources: list[Path]) -> None:
         images = []
@@ -89,7 +89,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  format version  {layout.version[0]}.{layout.version[1]}")
         print(f"  size            {header.width}x{header.height}  mode {header.mode} (given {header.original_mode})")
         print(f"  model           {header.model}  decoder sha256 {header.decoder_digest.hex()[:16]}…")
-        print(f"  latent          {'x'.join(map(str, header.latent_shape))}")
+        resampled = f"  of the image resized to {header.coded[0]}x{header.coded[1]}" if header.coded_size else ""
+        print(f"  latent          {'x'.join(map(str, header.latent_shape))}{resampled}")
         print(f"  quantizer       {header.quantizer} ({len(header.quantizer_params)} bytes of parameters)")
         print(f"  coder           {header.coder}  payload {header.payload_length} bytes")
         print(f"  metadata        {', '.join(sorted(layout.metadata)) or 'none'}{'  + alpha' if layout.alpha else ''}")
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--bpp", type=float, help="target bits per pixel (the file lands within 3%% under)")
     rate.add_argument("--max-bytes", type=int, help="largest file size in bytes")
     encode.add_argument("--effort", type=int, default=0, help="0 (fast) .. 3: time spent refining the latent")
+    encode.add_argument("--scale", type=float,
+                        help="code the image resized by this factor in (0, 1] (default: chosen per rate)")
     model_options(encode, "taesd, or taesd3 at high rates")
     encode.set_defaults(run=cmd_encode)
 

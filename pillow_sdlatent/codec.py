@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,35 @@ HIGH_RATE_QUALITY = 89
 HIGH_RATE_STEPS = (0.6, 0.1)
 
 
+#: Scale per rate, for the models it was measured on (RATE_CURVES); see ``scale_for_rate``. At low
+#: rates a smaller image with a finer step beats the whole image with a coarse one. On 10 held-out
+#: training photos (7 Sun-Hays80, 3 Urban100; not Kodak; ``python benchmarks/scale_per_rate.py``,
+#: docs/scale_per_rate) the scale with the lowest mean ST-LPIPS is 0.5 below 0.03 bpp, 0.625 to
+#: 0.065, 0.75 to 0.095 and 0.875 above. From 0.15 bpp up 0.875 and 1 are within 3% of each other
+#: and Urban100 prefers 1, so the whole image is kept there (the default quality lands there too).
+#: (bits per pixel below which, scale), lowest rate first
+BPP_SCALES: tuple[tuple[float, float], ...] = ((0.03, 0.5), (0.065, 0.625), (0.095, 0.75), (0.15, 0.875))
+#: model -> {scale: ((step, bpp), ...)}: on those photos, the mean rate (bits per pixel of the
+#: full-size image) when coded at that scale with that step; between and beyond these points the
+#: rate is interpolated log-log (``mean_bpp``)
+RATE_CURVES: dict[str, dict[float, tuple[tuple[float, float], ...]]] = {
+    "taesd": {
+        0.5: ((0.010, 0.1263), (0.015, 0.1169), (0.036, 0.0961), (0.087, 0.0764), (0.198, 0.0580),
+              (0.562, 0.0360), (2.875, 0.0084)),
+        0.625: ((0.013, 0.1834), (0.043, 0.1411), (0.080, 0.1189), (0.155, 0.0957), (0.271, 0.0764),
+                (0.476, 0.0580), (1.013, 0.0367), (3.354, 0.0077)),
+        0.75: ((0.050, 0.1917), (0.131, 0.1429), (0.215, 0.1182), (0.342, 0.0959), (0.521, 0.0764),
+               (0.813, 0.0580), (1.553, 0.0365), (4.329, 0.0058)),
+        0.875: ((0.122, 0.1969), (0.273, 0.1430), (0.400, 0.1182), (0.577, 0.0959), (0.823, 0.0764),
+                (1.221, 0.0581), (1.895, 0.0383), (3.176, 0.0136)),
+        1.0: ((0.229, 0.1992), (0.446, 0.1430), (0.612, 0.1183), (0.842, 0.0958), (1.157, 0.0765),
+              (1.590, 0.0592), (2.186, 0.0386), (3.004, 0.0192)),
+    },
+}
+#: automatic scaling never makes the shorter side smaller than this
+MIN_CODED_SIDE = 64
+
+
 class DigestMismatchError(OSError):
     """The decoder weights at hand are not the ones the file was written with."""
 
@@ -72,6 +102,7 @@ class EncodeOptions:
     coder: str = entropy.DEFAULT_CODER
     device: str | None = None
     weights: str | None = None
+    scale: float | None = None
 
     @classmethod
     def from_info(cls, info: dict[str, Any]) -> EncodeOptions:
@@ -99,8 +130,13 @@ class EncodeOptions:
         weights = info.get("weights")
         if weights is not None and not isinstance(weights, (str, os.PathLike)):
             raise ValueError(f"weights must be a path, not {weights!r}")
+        scale = info.get("scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not 0 < scale <= 1):
+            raise ValueError(f"scale must be a number in (0, 1], not {scale!r}")
         return cls(quality, None if bpp is None else float(bpp), max_bytes, model or DEFAULT_MODEL,
-                   model is not None, effort, coder, device, os.fspath(weights) if weights else None)
+                   model is not None, effort, coder, device, os.fspath(weights) if weights else None,
+                   None if scale is None else float(scale))
 
 
 def working_image(image: Image.Image) -> tuple[Image.Image, str]:
@@ -149,6 +185,8 @@ class _EncodeJob:
     alpha: bytes | None
     rgb: np.ndarray
     model: Any
+    scale: float
+    coded_size: tuple[int, int] | None
 
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
         quantizer = quantize.UniformQuantizer.with_step(step, latent.shape[0])
@@ -160,6 +198,7 @@ class _EncodeJob:
             mode=self.stored_mode, model=self.options.model, decoder_digest=self.model.decoder_digest,
             latent_shape=symbols.shape, quantizer=quantizer.name, quantizer_params=quantizer.to_params(),
             coder=coder.name, coder_params=coder_params, payload_length=len(payload),
+            coded_size=self.coded_size,
         )
         return container.serialize(header, payload, self.metadata, self.alpha)
 
@@ -168,7 +207,8 @@ class _EncodeJob:
         options, model, rgb = self.options, self.model, self.rgb
         target = rate_target(options, self.image.width, self.image.height)
         if target is None:
-            step = step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
+            step = step_at_scale(step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options), self.scale,
+                                 options.model)
             return self.file_for(refine.refine_latent(model, latent, rgb, step, options.effort), step)
         data, step = fit_rate(lambda step: self.file_for(latent, step), target)
         if options.effort:
@@ -207,19 +247,22 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
         chosen = options.model
         model = load_model(chosen, weights=options.weights, device=options.device)
     options = replace(options, model=chosen)
-    return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model)
+    scale = scale_for_rate(options, width, height)
+    coded = coded_size(width, height, scale)
+    if coded is not None:
+        colour = work if work.mode in ("RGB", "L") else work.convert("RGB")
+        work = colour.resize(coded, container.RESAMPLING[1])
+    return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model, scale, coded)
 
 
 def model_for_rate(options: EncodeOptions, width: int, height: int) -> str:
     """The named model; else the one that wins at the requested rate (see ``HIGH_RATE_MODEL``)."""
     if options.model_fixed:
         return options.model
-    target = rate_target(options, width, height)
-    if target is None:
-        high = (options.quality or quantize.DEFAULT_QUALITY) >= HIGH_RATE_QUALITY
-    else:
-        high = target * 8 / (width * height) >= HIGH_RATE_BPP
-    return HIGH_RATE_MODEL if high else options.model
+    bpp = requested_bpp(options, width, height)
+    if bpp is None:
+        return HIGH_RATE_MODEL if (options.quality or quantize.DEFAULT_QUALITY) >= HIGH_RATE_QUALITY else options.model
+    return HIGH_RATE_MODEL if bpp >= HIGH_RATE_BPP else options.model
 
 
 def step_for_quality(quality: int, options: EncodeOptions) -> float:
@@ -231,6 +274,64 @@ def step_for_quality(quality: int, options: EncodeOptions) -> float:
     coarse, fine = HIGH_RATE_STEPS
     t = (quality - HIGH_RATE_QUALITY) / (100 - HIGH_RATE_QUALITY)
     return float(coarse * (fine / coarse) ** t)
+
+
+def scale_for_rate(options: EncodeOptions, width: int, height: int) -> float:
+    """``scale`` if given; else, for a model in ``RATE_CURVES``, the scale that wins at the requested rate.
+
+    A quality's rate is the mean rate its step gives at full size (``RATE_CURVES``), so that
+    quality and ``bpp`` pick the same scale for the same rate.
+    """
+    if options.scale is not None:
+        return options.scale
+    if options.model not in RATE_CURVES:
+        return 1.0
+    bpp = requested_bpp(options, width, height)
+    if bpp is None:
+        step = step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
+        bpp = mean_bpp(options.model, 1.0, step)
+    scale = next((scale for below, scale in BPP_SCALES if bpp < below), 1.0)
+    return min(1.0, max(scale, MIN_CODED_SIDE / min(width, height)))
+
+
+def coded_size(width: int, height: int, scale: float) -> tuple[int, int] | None:
+    """The size the latent codes at ``scale``; None when that is the image's own size."""
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return None if size == (width, height) else size
+
+
+def _log_interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear through (xs, ys), continued along the end segments."""
+    index = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+    t = (x - xs[index]) / (xs[index + 1] - xs[index])
+    return float(ys[index] + t * (ys[index + 1] - ys[index]))
+
+
+def mean_bpp(model: str, scale: float, step: float) -> float:
+    """The mean rate ``RATE_CURVES`` gives for ``step`` at ``scale`` (taesd's curves for other models)."""
+    curves = RATE_CURVES.get(model, RATE_CURVES[DEFAULT_MODEL])
+
+    def log_rate(at: float) -> float:
+        points = curves[at]
+        return _log_interp(math.log(step), [math.log(p[0]) for p in points], [math.log(p[1]) for p in points])
+
+    scales = sorted(curves)
+    return math.exp(_log_interp(scale, scales, [log_rate(s) for s in scales]))
+
+
+def step_at_scale(step: float, scale: float, model: str = DEFAULT_MODEL) -> float:
+    """The step that gives a ``scale``-sized image the mean rate ``step`` gives the whole image.
+
+    So a quality keeps its rate whatever the scale, and spends it on finer steps instead.
+    """
+    if scale == 1:
+        return step
+    wanted = math.log(mean_bpp(model, 1.0, step))
+    low, high = math.log(RATE_STEPS[0]), math.log(RATE_STEPS[1])  # the rate falls as the step grows
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if math.log(mean_bpp(model, scale, math.exp(middle))) > wanted else (low, middle)
+    return math.exp((low + high) / 2)
 
 
 def encode_image(image: Image.Image, info: dict[str, Any] | None = None) -> bytes:
@@ -289,9 +390,7 @@ def decode_files(sources: Sequence[str | os.PathLike | IO[bytes] | bytes], *, ba
             chunk = indices[first : first + size]
             for index, rgb in zip(chunk, decoder.decode_images([prepared[i][1] for i in chunk]), strict=True):
                 layout, _, alpha, _ = prepared[index]
-                header = layout.header
-                image = Image.fromarray(np.ascontiguousarray(rgb[: header.height, : header.width]), "RGB")
-                results[index] = finish_mode(image, layout, alpha)
+                results[index] = finish_mode(full_size(rgb, layout.header), layout, alpha)
                 results[index].info.update(layout.metadata)
                 bar.update(1)
     bar.close()
@@ -310,6 +409,15 @@ def rate_target(options: EncodeOptions, width: int, height: int) -> int | None:
         return options.max_bytes
     if options.bpp is not None:
         return max(1, int(options.bpp * width * height / 8))
+    return None
+
+
+def requested_bpp(options: EncodeOptions, width: int, height: int) -> float | None:
+    """The rate ``bpp`` or ``max_bytes`` asks for, in bits per pixel, if either does."""
+    if options.bpp is not None:
+        return options.bpp
+    if options.max_bytes is not None:
+        return options.max_bytes * 8 / (width * height)
     return None
 
 
@@ -353,9 +461,13 @@ def padded_rgb(image: Image.Image) -> np.ndarray:
     return np.pad(rgb, ((0, (-height) % 8), (0, (-width) % 8), (0, 0)), mode="edge")
 
 
-def decode_latent(model: Any, latent: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(C, h, w) latent -> (height, width, 3) uint8, cropped back to the true size."""
-    return np.ascontiguousarray(model.decode_image(latent)[:height, :width])
+def full_size(rgb: np.ndarray, header: Header) -> Image.Image:
+    """The decoder's padded output cropped to the coded size, then resampled up to the image size."""
+    coded_width, coded_height = header.coded
+    image = Image.fromarray(np.ascontiguousarray(rgb[:coded_height, :coded_width]), "RGB")
+    if header.coded_size is None:
+        return image
+    return image.resize((header.width, header.height), container.RESAMPLING[header.resampling])
 
 
 def read_symbols(layout: Layout, payload: bytes) -> np.ndarray:
@@ -413,7 +525,8 @@ def latent_from_layout(fp: IO[bytes], layout: Layout, allow_truncated: bool = Fa
 def read_latent(source: str | os.PathLike | IO[bytes] | bytes) -> np.ndarray:
     """The dequantized latent of an ``.sdl`` file as (C, H, W) float32, without any decoder.
 
-    For pipelines that train on latents: no torch and no weights are needed.
+    For pipelines that train on latents: no torch and no weights are needed. H and W are an
+    eighth of the coded size, which is smaller than the image's for a file coded at a lower scale.
     """
     with _open_binary(source) as fp:
         layout = container.read_layout(fp)
@@ -465,8 +578,7 @@ def decode_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = Fals
     alpha = alpha_plane(layout) if header.mode in container.ALPHA_MODES else None
     decoder = decoder_for(layout, **decoder_options)
     latent = clean_latent(latent, layout, decoder, restore=restore, denoise=denoise, seed=seed)
-    rgb = Image.fromarray(decode_latent(decoder, latent, header.width, header.height), "RGB")
-    return finish_mode(rgb, layout, alpha)
+    return finish_mode(full_size(decoder.decode_image(latent), header), layout, alpha)
 
 
 def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, *, restore: bool = True,
@@ -505,6 +617,9 @@ def preview_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = Fal
     matrix, bias = preview_map(header.model, header.latent_shape[0])
     rgb = preview_features(latent) @ matrix.T + bias
     preview = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    size = container.latent_size(header.width, header.height)
+    if preview.size != size:  # a resampled file's latent is smaller than the image's 1/8
+        preview = preview.resize(size, container.RESAMPLING[header.resampling])
     return finish_mode(preview, layout, alpha, scale=container.LATENT_FACTOR)
 
 

@@ -17,7 +17,12 @@ from typing import IO
 from PIL import Image
 
 SIGNATURE = b"\x89SDL\r\n\x1a\n"
-VERSION = (1, 0)
+#: The newest version this package reads and writes. A file carries the lowest version that can
+#: express it (FORMAT.md, Version rules): 1.0, or 2.0 when its latent codes a resampled image.
+VERSION = (2, 0)
+READ_MAJORS = (1, 2)
+#: Resampling filters a version-2 header may name for coded size -> image size (FORMAT.md, SHDR).
+RESAMPLING = {1: Image.Resampling.LANCZOS}
 
 LATENT_FACTOR = 8
 MAX_SIDE = 1 << 20
@@ -68,6 +73,20 @@ class Header:
     coder_params: bytes
     payload_length: int
     flags: int = 0
+    #: (width, height) of the image the latent codes, when smaller than the image (version 2);
+    #: the reader resizes the decoded image to (width, height) with ``resampling``
+    coded_size: tuple[int, int] | None = None
+    resampling: int = 1
+
+    @property
+    def coded(self) -> tuple[int, int]:
+        """The size of the image the latent holds: the image's own size unless it was resampled."""
+        return self.coded_size or (self.width, self.height)
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """The lowest format version that can express this header."""
+        return (2, 0) if self.coded_size is not None else (1, 0)
 
     def to_bytes(self) -> bytes:
         channels, lat_h, lat_w = self.latent_shape
@@ -84,13 +103,15 @@ class Header:
             struct.pack(">I", len(self.coder_params)) + self.coder_params,
             struct.pack(">Q", self.payload_length),
         ]
+        if self.coded_size is not None:
+            parts.append(struct.pack(">IIB", *self.coded_size, self.resampling))
         data = b"".join(parts)
         if len(data) > MAX_HEADER_BYTES:
             raise ValueError("header too large")
         return data
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Header:
+    def from_bytes(cls, data: bytes, major: int = 1) -> Header:
         reader = _Reader(data)
         width, height, flags = reader.unpack(">III")
         original_mode, mode, model = reader.str8(), reader.str8(), reader.str8()
@@ -104,10 +125,15 @@ class Header:
             raise FormatError("coder parameters too large")
         coder_params = reader.take(coder_len)
         (payload_length,) = reader.unpack(">Q")
+        coded_size, resampling = None, 1
+        if major >= 2:
+            coded_width, coded_height, resampling = reader.unpack(">IIB")
+            coded_size = (coded_width, coded_height)
         if not reader.at_end():
             raise FormatError("trailing bytes in SHDR")
         header = cls(width, height, original_mode, mode, model, digest, (channels, lat_h, lat_w),
-                     quantizer, quantizer_params, coder, coder_params, payload_length, flags)
+                     quantizer, quantizer_params, coder, coder_params, payload_length, flags,
+                     coded_size, resampling)
         header.check_limits()
         return header
 
@@ -119,8 +145,16 @@ class Header:
         channels, lat_h, lat_w = self.latent_shape
         if not 1 <= channels <= MAX_CHANNELS:
             raise FormatError(f"latent channel count {channels} out of range")
-        if (lat_h, lat_w) != latent_size(self.width, self.height)[::-1]:
-            raise FormatError("latent shape does not match the image size")
+        coded_width, coded_height = self.coded
+        if not (1 <= coded_width <= self.width and 1 <= coded_height <= self.height):
+            raise FormatError(f"coded size {coded_width}x{coded_height} is not within the image size")
+        if self.resampling not in RESAMPLING:
+            raise DamagedFileError(
+                f"SDL file resamples with filter {self.resampling}, which this reader does not know; "
+                "upgrade pillow_sdlatent"
+            )
+        if (lat_h, lat_w) != latent_size(coded_width, coded_height)[::-1]:
+            raise FormatError("latent shape does not match the coded image size")
         if self.payload_length > max_payload_length(self.latent_shape):
             raise FormatError("payload length exceeds what the latent shape allows")
 
@@ -190,7 +224,7 @@ def serialize(header: Header, payload: bytes, metadata: dict[str, bytes],
     if len(payload) != header.payload_length:
         raise ValueError("payload length does not match the header")
     header.check_limits()
-    out = [SIGNATURE, bytes(VERSION), _chunk(HEADER, header.to_bytes())]
+    out = [SIGNATURE, bytes(header.version), _chunk(HEADER, header.to_bytes())]
     for chunk_type, key in METADATA_CHUNKS.items():
         value = metadata.get(key)
         if value:
@@ -223,17 +257,17 @@ def read_layout(fp: IO[bytes]) -> Layout:
     if len(version) != 2:
         raise FormatError("truncated SDL signature")
     major, minor = version
-    if major != VERSION[0]:
+    if major not in READ_MAJORS:
         raise DamagedFileError(
             f"SDL format version {major}.{minor} is not supported by this reader "
-            f"(it reads version {VERSION[0]}.x); upgrade pillow_sdlatent"
+            f"(it reads versions {' and '.join(f'{m}.x' for m in READ_MAJORS)}); upgrade pillow_sdlatent"
         )
     chunk_type, data, crc_ok = _read_chunk(fp, MAX_HEADER_BYTES, FormatError)
     if chunk_type != HEADER:
         raise FormatError("SDL file does not start with SHDR")
     if not crc_ok:
         raise FormatError("SDL header CRC mismatch")
-    layout = Layout(Header.from_bytes(data), (major, minor))
+    layout = Layout(Header.from_bytes(data, major), (major, minor))
     _read_body(fp, layout)
     return layout
 

@@ -87,6 +87,7 @@ def make_seeds() -> dict[str, bytes]:
     specs.append(("rgba-16x16-meta", rgba, _metadata()))
     specs.append(("rgb-9x7-meta", _pattern(9, 7, 3), {**_metadata(), "quality": 95}))
     specs.append(("taesd3-8x8", base.crop((0, 0, 8, 8)), {"model": "taesd3"}))
+    specs.append(("rgb-24x16-scaled", base, {"scale": 0.5}))  # version 2: the latent codes a 12x8 image
     for name, image, options in specs[:]:
         if name in ("rgb-16x16", "la-8x16", "rgba-16x16-meta", "taesd3-8x8"):
             specs += [(f"{name}-{coder}", image, {**options, "coder": coder})
@@ -160,15 +161,25 @@ SHDR_FIELDS = (
     ("latent_width", "u32"), ("quantizer", "str8"), ("quantizer_params", "bytes16"), ("coder", "str8"),
     ("coder_params", "bytes32"), ("payload_length", "u64"),
 )
-_UINT = {"u16": ">H", "u32": ">I", "u64": ">Q"}
+#: the fields version 2 adds at the end when the latent codes a resampled image
+SHDR_V2_FIELDS = (("coded_width", "u32"), ("coded_height", "u32"), ("resampling", "u8"))
+_UINT = {"u8": ">B", "u16": ">H", "u32": ">I", "u64": ">Q"}
 
 
 def parse_shdr(data: bytes) -> dict[str, Any] | None:
-    """SHDR fields by name, without any validation; None if the bytes do not split into fields."""
+    """SHDR fields by name (version 1's, or version 2's), without any validation; None if they do not fit."""
+    for layout in (SHDR_FIELDS, SHDR_FIELDS + SHDR_V2_FIELDS):
+        fields = _split_fields(data, layout)
+        if fields is not None:
+            return fields
+    return None
+
+
+def _split_fields(data: bytes, layout: tuple[tuple[str, str], ...]) -> dict[str, Any] | None:
     fields: dict[str, Any] = {}
     pos = 0
     try:
-        for name, kind in SHDR_FIELDS:
+        for name, kind in layout:
             if kind in _UINT:
                 (fields[name],) = struct.unpack_from(_UINT[kind], data, pos)
                 pos += struct.calcsize(_UINT[kind])
@@ -187,7 +198,7 @@ def parse_shdr(data: bytes) -> dict[str, Any] | None:
 def build_shdr(fields: dict[str, Any]) -> bytes:
     """Inverse of :func:`parse_shdr`; integers wrap to their field width."""
     out = []
-    for name, kind in SHDR_FIELDS:
+    for name, kind in SHDR_FIELDS + (SHDR_V2_FIELDS if "coded_width" in fields else ()):
         value = fields[name]
         if kind in _UINT:
             out.append(struct.pack(_UINT[kind], value % (1 << (8 * struct.calcsize(_UINT[kind])))))
@@ -274,7 +285,7 @@ def header_number(rng: random.Random, data: bytes, seeds: dict[str, bytes]) -> b
     """A numeric SHDR field set to 0 / max / sign-bit / off-by-one; sizes kept consistent half the time."""
 
     def edit(fields: dict[str, Any]) -> None:
-        name = rng.choice([n for n, kind in SHDR_FIELDS if kind in _UINT])
+        name = rng.choice([n for n, kind in SHDR_FIELDS + SHDR_V2_FIELDS if kind in _UINT and n in fields])
         pool = INTERESTING_64 if name == "payload_length" else INTERESTING_32
         value = rng.choice((*pool, fields[name] + 1, fields[name] - 1, rng.randrange(1 << 16)))
         fields[name] = value

@@ -18,7 +18,7 @@ def test_encode_decode_info(photo: Image.Image, tmp_path: Path, capsys) -> None:
         source = tmp_path / f"in{index}.png"
         photo.rotate(180 * index).save(source)
         sources.append(source)
-    assert main(["encode", *map(str, sources), "--out-dir", str(tmp_path / "sdl"), "-q", "60"]) == 0
+    assert main(["encode", *map(str, sources), "--out-dir", str(tmp_path / "sdl"), "-q", "60", "--scale", "1"]) == 0
     encoded = sorted((tmp_path / "sdl").glob("*.sdl"))
     assert [p.name for p in encoded] == ["in0.sdl", "in1.sdl"]
     assert main(["decode", *map(str, encoded), "--out-dir", str(tmp_path / "png")]) == 0
@@ -28,7 +28,10 @@ def test_encode_decode_info(photo: Image.Image, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["info", str(encoded[0])]) == 0
     out = capsys.readouterr().out
-    assert "192x128" in out and "taesd" in out and "4x16x24" in out
+    assert "192x128" in out and "taesd" in out and "4x16x24" in out and "version  1.0" in out
+    assert main(["encode", str(sources[0]), "-o", str(tmp_path / "half.sdl"), "-q", "60", "--scale", "0.5"]) == 0
+    assert main(["info", str(tmp_path / "half.sdl")]) == 0
+    assert "latent          4x8x12  of the image resized to 96x64" in capsys.readouterr().out
     assert not list(tmp_path.rglob("*.tmp"))
 
 

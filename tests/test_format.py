@@ -106,8 +106,8 @@ def test_unknown_chunks(sdl_bytes: bytes) -> None:
 
 
 def test_newer_major_version_is_refused(sdl_bytes: bytes) -> None:
-    newer = sdl_bytes[:8] + bytes([2, 0]) + sdl_bytes[10:]
-    with pytest.raises(OSError, match=r"version 2\.0"):
+    newer = sdl_bytes[:8] + bytes([3, 0]) + sdl_bytes[10:]
+    with pytest.raises(OSError, match=r"version 3\.0"):
         Image.open(io.BytesIO(newer))
     minor = sdl_bytes[:8] + bytes([1, 7]) + sdl_bytes[10:]
     Image.open(io.BytesIO(minor)).load()
@@ -122,6 +122,24 @@ def test_header_round_trip() -> None:
     assert container.Header.from_bytes(header.to_bytes()) == header
     with pytest.raises(SyntaxError):
         container.Header.from_bytes(header.to_bytes()[:-1])
+
+
+def test_resampled_header_needs_version_2() -> None:
+    """A latent of a downscaled image: version 2's coded size, checked against the latent and the image."""
+    fields = dict(width=1001, height=300, original_mode="RGB", mode="RGB", model="taesd",
+                  decoder_digest=bytes(32), quantizer="uniform", quantizer_params=b"\0" * 16, coder="zstd",
+                  coder_params=b"\x01", payload_length=99)
+    header = container.Header(latent_shape=(4, 19, 63), coded_size=(500, 150), **fields)
+    assert header.version == (2, 0) and header.coded == (500, 150)
+    assert container.Header.from_bytes(header.to_bytes(), 2) == header
+    with pytest.raises(SyntaxError, match="trailing"):
+        container.Header.from_bytes(header.to_bytes(), 1)
+    with pytest.raises(SyntaxError, match="coded image size"):
+        container.Header(latent_shape=(4, 38, 126), coded_size=(500, 150), **fields).check_limits()
+    with pytest.raises(SyntaxError, match="not within"):
+        container.Header(latent_shape=(4, 38, 126), coded_size=(1002, 300), **fields).check_limits()
+    with pytest.raises(OSError, match=r"filter 7.*upgrade"):
+        container.Header(latent_shape=(4, 19, 63), coded_size=(500, 150), resampling=7, **fields).check_limits()
 
 
 def test_decompression_bomb_rules(sdl_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:

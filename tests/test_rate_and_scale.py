@@ -156,3 +156,57 @@ def test_missing_high_rate_weights_fall_back_with_a_warning(square: Image.Image,
     assert _model_of(data) == "taesd"
     with pytest.raises(models.WeightsNotFoundError):
         encoded(square, quality=95, model="taesd3")
+
+
+@pytest.fixture(scope="module")
+def landscape() -> Image.Image:
+    with Image.open(Path(__file__).resolve().parent.parent.parent / "shared/data/kodak/kodim05.png") as image:
+        return image.convert("RGB").crop((128, 64, 640, 448))
+
+
+def _sdl_info(data: bytes) -> dict:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.info["sdl"]
+
+
+def test_low_rates_code_a_smaller_image(landscape: Image.Image) -> None:
+    """At low rates a downscaled image with a finer step beats the whole one with a coarse step (scale per rate)."""
+    auto, whole = encoded(landscape, bpp=0.04), encoded(landscape, bpp=0.04, scale=1)
+    info = _sdl_info(auto)
+    assert info["version"] == "2.0" and info["coded_size"][0] < landscape.width
+    assert _sdl_info(whole)["version"] == "1.0" and _sdl_info(whole)["coded_size"] == landscape.size
+    target = 0.04 * landscape.width * landscape.height / 8
+    assert 0.97 * target <= len(auto) <= target
+    with Image.open(io.BytesIO(auto)) as decoded:
+        assert decoded.size == landscape.size
+        gain = psnr(landscape, decoded) - psnr(landscape, codec.decode_file(whole))
+    print(f"\nat 0.04 bpp, coded at {info['coded_size']}: {gain:+.2f} dB over the whole image")
+    assert gain > 0.5
+    assert _sdl_info(encoded(landscape))["version"] == "1.0"  # the default quality keeps the whole image
+
+
+def test_quality_keeps_its_rate_at_a_forced_scale(landscape: Image.Image) -> None:
+    whole, half = encoded(landscape, quality=40, scale=1), encoded(landscape, quality=40, scale=0.5)
+    assert _sdl_info(half)["coded_size"] == (256, 192)
+    print(f"\nquality 40: {len(whole)} bytes whole, {len(half)} bytes at half size")
+    assert 0.6 < len(half) / len(whole) < 1.6
+    for bad in (0, 1.5, -1, "half", True):
+        with pytest.raises(ValueError, match="scale"):
+            encoded(landscape, scale=bad)
+
+
+def test_resampled_alpha_and_preview_stay_at_full_size(landscape: Image.Image, tmp_path: Path) -> None:
+    rgba = landscape.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(landscape.size))
+    target = tmp_path / "a.sdl"
+    rgba.save(target, scale=0.6, quality=50)
+    with Image.open(target) as decoded:
+        assert decoded.info["sdl"]["coded_size"] == (307, 230)
+        decoded.load()
+        assert decoded.mode == "RGBA" and decoded.getchannel("A").tobytes() == rgba.getchannel("A").tobytes()
+        assert psnr(landscape, decoded.convert("RGB")) > 16  # this crop is hard: 18.3 dB unscaled
+    with Image.open(target) as preview:
+        preview.draft("RGB", (64, 48))
+        preview.load()
+        assert preview.size == (64, 48)
+        assert psnr(landscape.reduce(8), preview.convert("RGB")) > 16

@@ -1,0 +1,194 @@
+"""Scale per rate: at which rates coding a downscaled image beats coding the whole one.
+
+    PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/scale_per_rate.py
+    python benchmarks/scale_per_rate.py --from-csv docs/scale_per_rate/scale_per_rate.csv
+
+Held-out training photos by default (every 11th Sun-Hays80 photo and every 31st Urban100 photo,
+center-cropped to at most 768x512; never Kodak): each is saved at every ``--scales`` x
+``--qualities`` with that ``scale`` forced, decoded, and scored at full size. Prints, per rate, the
+scale with the lowest mean ST-LPIPS (what ``codec.BPP_SCALES`` holds), the BD-rate of each scale
+against scale 1, and the mean rate per step at each scale (``codec.RATE_CURVES``); writes a CSV, a
+markdown table and ST-LPIPS/PSNR plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from bdrate import bd_rate
+from metrics import STLPIPS, ReferenceMetrics
+from PIL import Image
+from rd import image_paths
+from tqdm import tqdm
+
+import pillow_sdlatent  # noqa: F401  (registers the format)
+from pillow_sdlatent import container, quantize
+
+TRAIN = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "train"
+OUT = Path(__file__).resolve().parent.parent / "docs" / "scale_per_rate"
+FIELDS = ["image", "scale", "quality", "step", "bytes", "bpp", "psnr", "msssim_db", "stlpips"]
+#: rates at which the winning scale is reported (bits per pixel)
+REPORT_RATES = (0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12, 0.14, 0.16, 0.2)
+
+
+def held_out_photos() -> list[Path]:
+    return image_paths(TRAIN / "Sun_Hays80", 7, every=11) + image_paths(TRAIN / "Urban100", 3, every=31)
+
+
+def center_crop(image: Image.Image, width: int = 768, height: int = 512) -> Image.Image:
+    if image.width < image.height:
+        width, height = height, width
+    width, height = min(width, image.width), min(height, image.height)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def sweep(paths: list[Path], scales: list[float], qualities: list[int], csv_path: Path) -> list[dict]:
+    stlpips = STLPIPS()
+    rows = []
+    with open(csv_path, "w", newline="") as handle, tqdm(total=len(paths) * len(scales) * len(qualities),
+                                                          unit="pt", file=sys.stderr) as bar:
+        writer = csv.DictWriter(handle, FIELDS)
+        writer.writeheader()
+        for path in paths:
+            with Image.open(path) as opened:
+                image = center_crop(opened.convert("RGB"))
+            reference = ReferenceMetrics(stlpips, np.asarray(image))
+            for scale in scales:
+                for quality in qualities:
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="SDL", model="taesd", scale=scale, quality=quality)
+                    data = buffer.getvalue()
+                    layout = container.read_layout(io.BytesIO(data))
+                    step = quantize.quantizer_from_params(layout.header.quantizer, layout.header.quantizer_params,
+                                                          layout.header.latent_shape[0]).steps[0]
+                    with Image.open(io.BytesIO(data)) as decoded:
+                        scores = reference(np.asarray(decoded.convert("RGB")))
+                    row = {"image": path.name, "scale": scale, "quality": quality, "step": step, "bytes": len(data),
+                           "bpp": len(data) * 8 / (image.width * image.height),
+                           **{k: scores[k] for k in ("psnr", "msssim_db", "stlpips")}}
+                    writer.writerow(row)
+                    handle.flush()
+                    rows.append(row)
+                    bar.update()
+    return rows
+
+
+def mean_curves(rows: list[dict]) -> dict[float, list[dict[str, float]]]:
+    """scale -> points (mean over images at each quality), by rate."""
+    groups: dict[tuple[float, int], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[float(row["scale"]), int(row["quality"])].append(row)
+    curves: dict[float, list[dict[str, float]]] = defaultdict(list)
+    for (scale, _), members in sorted(groups.items()):
+        curves[scale].append({k: float(np.mean([float(m[k]) for m in members]))
+                              for k in ("step", "bpp", "psnr", "msssim_db", "stlpips")})
+    return {scale: sorted(points, key=lambda p: p["bpp"]) for scale, points in sorted(curves.items())}
+
+
+def at_rate(points: list[dict[str, float]], metric: str, bpp: float) -> float:
+    """The metric at ``bpp`` by interpolation in log rate; NaN outside the curve."""
+    rates = np.log([p["bpp"] for p in points])
+    if not rates[0] <= math.log(bpp) <= rates[-1]:
+        return float("nan")
+    return float(np.interp(math.log(bpp), rates, [p[metric] for p in points]))
+
+
+def rate_curves(curves: dict[float, list[dict[str, float]]]) -> str:
+    """``codec.RATE_CURVES``' entry for these curves: (step, mean bpp) per scale, by step."""
+    lines = []
+    for scale, points in curves.items():
+        steps = {}  # qualities whose steps clamp to the same value give one point
+        for point in sorted(points, key=lambda p: p["step"]):
+            steps.setdefault(f"{point['step']:.3f}", point["bpp"])
+        pairs = ", ".join(f"({step}, {bpp:.4f})" for step, bpp in steps.items())
+        lines.append(f"    {scale:g}: ({pairs}),")
+    return "\n".join(["{", *lines, "}"])
+
+
+def report(rows: list[dict], out: Path) -> str:
+    curves = mean_curves(rows)
+    scales = list(curves)
+    lines = [f"Mean of {len({r['image'] for r in rows})} held-out training photos, ST-LPIPS (AlexNet) at each rate, "
+             "per coded scale (lower is better; best in bold):", "",
+             "| bpp | " + " | ".join(f"scale {s:g}" for s in scales) + " | best |",
+             "| ---: |" + " ---: |" * (len(scales) + 1)]
+    for bpp in REPORT_RATES:
+        values = {s: at_rate(curves[s], "stlpips", bpp) for s in scales}
+        finite = {s: v for s, v in values.items() if math.isfinite(v)}
+        best = min(finite, key=finite.get) if finite else None
+        cells = [("**{:.4f}**" if s == best else "{:.4f}").format(v) if math.isfinite(v) else "-"
+                 for s, v in values.items()]
+        lines.append(f"| {bpp:g} | " + " | ".join(cells) + f" | {best if best is not None else '-'} |")
+    lines += ["", "BD-rate of each scale against scale 1 over 0.05-0.2 bpp (negative: fewer bits):", "",
+              "| scale | ST-LPIPS | PSNR |", "| ---: | ---: | ---: |"]
+    full = curves.get(1.0)
+    for scale in scales:
+        if full is None or scale == 1.0:
+            continue
+        cells = []
+        for metric, sign in (("stlpips", -1), ("psnr", 1)):
+            value = bd_rate([p["bpp"] for p in full], [sign * p[metric] for p in full],
+                            [p["bpp"] for p in curves[scale]], [sign * p[metric] for p in curves[scale]],
+                            rate_range=(0.05, 0.2))
+            cells.append("n/a" if math.isnan(value) else f"{value:+.1f}%")
+        lines.append(f"| {scale:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean rate per step and scale, as `codec.RATE_CURVES['taesd']`:", "", "```python",
+              rate_curves(curves), "```"]
+    plot(curves, out)
+    return "\n".join(lines)
+
+
+def plot(curves: dict[float, list[dict[str, float]]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for metric, label in (("stlpips", "ST-LPIPS (AlexNet), lower is better"), ("psnr", "PSNR (dB)")):
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for scale, points in curves.items():
+            ax.plot([p["bpp"] for p in points], [p[metric] for p in points], marker="o", ms=3,
+                    label=f"scale {scale:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per pixel (of the full-size image)")
+        ax.set_ylabel(label)
+        ax.set_title("taesd, coded at a fraction of the size, resampled up on decode")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"scale_{metric}.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, help="folder of photos (default: held-out training photos)")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--scales", default="1,0.875,0.75,0.625,0.5")
+    parser.add_argument("--qualities", default="10,20,30,40,50,60,70,80")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--from-csv", type=Path, help="re-analyse an earlier run instead of sweeping")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_csv:
+        with open(args.from_csv, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        paths = image_paths(args.images, args.limit) if args.images else held_out_photos()
+        rows = sweep(paths, [float(s) for s in args.scales.split(",")],
+                     [int(q) for q in args.qualities.split(",")], args.out / "scale_per_rate.csv")
+    text = report(rows, args.out)
+    (args.out / "scale_per_rate.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
