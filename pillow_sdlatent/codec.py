@@ -56,8 +56,8 @@ HIGH_RATE_STEPS = (0.6, 0.1)
 #: rates a smaller image with a finer step beats the whole image with a coarse one. On 10 held-out
 #: training photos (7 Sun-Hays80, 3 Urban100; not Kodak; ``python benchmarks/scale_per_rate.py``,
 #: docs/scale_per_rate) the scale with the lowest mean ST-LPIPS is 0.5 below 0.03 bpp, 0.625 to
-#: 0.065, 0.75 to 0.095 and 0.875 above. From 0.15 bpp up 0.875 and 1 are within 3% of each other
-#: and Urban100 prefers 1, so the whole image is kept there (the default quality lands there too).
+#: 0.065, 0.75 to 0.095 and 0.875 above. From 0.15 bpp up 0.875 leads 1 by under 4%, and the Urban100
+#: photos prefer 1, so the whole image is kept there (the default quality lands there too).
 #: (bits per pixel below which, scale), lowest rate first
 BPP_SCALES: tuple[tuple[float, float], ...] = ((0.03, 0.5), (0.065, 0.625), (0.095, 0.75), (0.15, 0.875))
 #: model -> {scale: ((step, bpp), ...)}: on those photos, the mean rate (bits per pixel of the
@@ -247,11 +247,12 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
         chosen = options.model
         model = load_model(chosen, weights=options.weights, device=options.device)
     options = replace(options, model=chosen)
-    scale = scale_for_rate(options, width, height)
-    coded = coded_size(width, height, scale)
-    if coded is not None:
+    coded = scaled_size(width, height, scale_for_rate(options, width, height))
+    scale = 1.0
+    if coded is not None:  # the scale rounding left, for the step
+        scale = math.sqrt(coded[0] * coded[1] / (width * height))
         colour = work if work.mode in ("RGB", "L") else work.convert("RGB")
-        work = colour.resize(coded, container.RESAMPLING[1])
+        work = colour.resize(coded, container.RESAMPLING[container.LANCZOS])
     return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model, scale, coded)
 
 
@@ -294,40 +295,48 @@ def scale_for_rate(options: EncodeOptions, width: int, height: int) -> float:
     return min(1.0, max(scale, MIN_CODED_SIDE / min(width, height)))
 
 
-def coded_size(width: int, height: int, scale: float) -> tuple[int, int] | None:
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int] | None:
     """The size the latent codes at ``scale``; None when that is the image's own size."""
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return None if size == (width, height) else size
 
 
-def _log_interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Piecewise-linear through (xs, ys), continued along the end segments."""
+def _interp_extended(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear through (xs, ys) (at least two points), continued along the end segments."""
     index = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
     t = (x - xs[index]) / (xs[index + 1] - xs[index])
     return float(ys[index] + t * (ys[index + 1] - ys[index]))
 
 
 def mean_bpp(model: str, scale: float, step: float) -> float:
-    """The mean rate ``RATE_CURVES`` gives for ``step`` at ``scale`` (taesd's curves for other models)."""
+    """The mean rate ``RATE_CURVES`` gives for ``step`` at ``scale`` (taesd's curves for other models).
+
+    Log-log interpolation in step, then linear in scale between the measured scales; below the
+    smallest one the rate shrinks with the area.
+    """
     curves = RATE_CURVES.get(model, RATE_CURVES[DEFAULT_MODEL])
 
     def log_rate(at: float) -> float:
         points = curves[at]
-        return _log_interp(math.log(step), [math.log(p[0]) for p in points], [math.log(p[1]) for p in points])
+        return _interp_extended(math.log(step), [math.log(p[0]) for p in points],
+                                [math.log(p[1]) for p in points])
 
     scales = sorted(curves)
-    return math.exp(_log_interp(scale, scales, [log_rate(s) for s in scales]))
+    if scale < scales[0]:
+        return math.exp(log_rate(scales[0])) * (scale / scales[0]) ** 2
+    return math.exp(_interp_extended(scale, scales, [log_rate(s) for s in scales]))
 
 
 def step_at_scale(step: float, scale: float, model: str = DEFAULT_MODEL) -> float:
     """The step that gives a ``scale``-sized image the mean rate ``step`` gives the whole image.
 
-    So a quality keeps its rate whatever the scale, and spends it on finer steps instead.
+    So a quality keeps its rate whatever the scale, and spends it on finer steps instead, down to
+    quality 100's step: a small image cannot spend a high rate.
     """
     if scale == 1:
         return step
     wanted = math.log(mean_bpp(model, 1.0, step))
-    low, high = math.log(RATE_STEPS[0]), math.log(RATE_STEPS[1])  # the rate falls as the step grows
+    low, high = math.log(quantize.MIN_STEP), math.log(RATE_STEPS[1])  # the rate falls as the step grows
     for _ in range(40):
         middle = (low + high) / 2
         low, high = (middle, high) if math.log(mean_bpp(model, scale, math.exp(middle))) > wanted else (low, middle)
@@ -413,12 +422,10 @@ def rate_target(options: EncodeOptions, width: int, height: int) -> int | None:
 
 
 def requested_bpp(options: EncodeOptions, width: int, height: int) -> float | None:
-    """The rate ``bpp`` or ``max_bytes`` asks for, in bits per pixel, if either does."""
-    if options.bpp is not None:
-        return options.bpp
+    """The rate ``max_bytes`` or ``bpp`` asks for, in bits per pixel, if either does (as ``rate_target``)."""
     if options.max_bytes is not None:
         return options.max_bytes * 8 / (width * height)
-    return None
+    return options.bpp
 
 
 #: Rate control searches the step in this range (wider than quality's 0.05..2.0).
@@ -617,9 +624,12 @@ def preview_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = Fal
     matrix, bias = preview_map(header.model, header.latent_shape[0])
     rgb = preview_features(latent) @ matrix.T + bias
     preview = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
-    size = container.latent_size(header.width, header.height)
-    if preview.size != size:  # a resampled file's latent is smaller than the image's 1/8
-        preview = preview.resize(size, container.RESAMPLING[header.resampling])
+    if header.coded_size is not None:  # cells of the coded image -> cells of the image, edges aligned
+        size = container.latent_size(header.width, header.height)
+        (coded_width, coded_height), (cells_wide, cells_high) = header.coded, preview.size
+        box = (0, 0, min(cells_wide, size[0] * coded_width / header.width),
+               min(cells_high, size[1] * coded_height / header.height))
+        preview = preview.resize(size, container.RESAMPLING[header.resampling], box=box)
     return finish_mode(preview, layout, alpha, scale=container.LATENT_FACTOR)
 
 

@@ -17,12 +17,12 @@ from typing import IO
 from PIL import Image
 
 SIGNATURE = b"\x89SDL\r\n\x1a\n"
-#: The newest version this package reads and writes. A file carries the lowest version that can
-#: express it (FORMAT.md, Version rules): 1.0, or 2.0 when its latent codes a resampled image.
-VERSION = (2, 0)
+#: The major versions this package reads. A file carries the lowest version that can express it
+#: (FORMAT.md, Version rules): 1.0, or 2.0 when its latent codes a resampled image.
 READ_MAJORS = (1, 2)
 #: Resampling filters a version-2 header may name for coded size -> image size (FORMAT.md, SHDR).
-RESAMPLING = {1: Image.Resampling.LANCZOS}
+LANCZOS = 1
+RESAMPLING = {LANCZOS: Image.Resampling.LANCZOS}
 
 LATENT_FACTOR = 8
 MAX_SIDE = 1 << 20
@@ -76,7 +76,7 @@ class Header:
     #: (width, height) of the image the latent codes, when smaller than the image (version 2);
     #: the reader resizes the decoded image to (width, height) with ``resampling``
     coded_size: tuple[int, int] | None = None
-    resampling: int = 1
+    resampling: int = LANCZOS
 
     @property
     def coded(self) -> tuple[int, int]:
@@ -84,8 +84,8 @@ class Header:
         return self.coded_size or (self.width, self.height)
 
     @property
-    def version(self) -> tuple[int, int]:
-        """The lowest format version that can express this header."""
+    def needed_version(self) -> tuple[int, int]:
+        """The lowest format version that can express this header (what a writer writes)."""
         return (2, 0) if self.coded_size is not None else (1, 0)
 
     def to_bytes(self) -> bytes:
@@ -125,7 +125,7 @@ class Header:
             raise FormatError("coder parameters too large")
         coder_params = reader.take(coder_len)
         (payload_length,) = reader.unpack(">Q")
-        coded_size, resampling = None, 1
+        coded_size, resampling = None, LANCZOS
         if major >= 2:
             coded_width, coded_height, resampling = reader.unpack(">IIB")
             coded_size = (coded_width, coded_height)
@@ -224,7 +224,7 @@ def serialize(header: Header, payload: bytes, metadata: dict[str, bytes],
     if len(payload) != header.payload_length:
         raise ValueError("payload length does not match the header")
     header.check_limits()
-    out = [SIGNATURE, bytes(header.version), _chunk(HEADER, header.to_bytes())]
+    out = [SIGNATURE, bytes(header.needed_version), _chunk(HEADER, header.to_bytes())]
     for chunk_type, key in METADATA_CHUNKS.items():
         value = metadata.get(key)
         if value:

@@ -289,10 +289,13 @@ def header_number(rng: random.Random, data: bytes, seeds: dict[str, bytes]) -> b
         pool = INTERESTING_64 if name == "payload_length" else INTERESTING_32
         value = rng.choice((*pool, fields[name] + 1, fields[name] - 1, rng.randrange(1 << 16)))
         fields[name] = value
-        if name in ("width", "height") and rng.random() < 0.5:
-            side = max(1, min(value % (1 << 32), container.MAX_SIDE))
-            fields[name] = side
-            fields["latent_" + name] = -(-side // 8)
+        axis = name.removeprefix("coded_")
+        if axis in ("width", "height") and rng.random() < 0.5:  # keep the sizes consistent
+            fields[name] = max(1, min(value % (1 << 32), container.MAX_SIDE))
+            coded = "coded_" + axis
+            if coded in fields:  # version 2: the latent follows the coded size, at most the image's
+                fields[coded] = min(fields[coded], fields[axis])
+            fields["latent_" + axis] = -(-fields.get(coded, fields[axis]) // 8)
 
     return _edit_header(rng, data, edit)
 

@@ -130,7 +130,7 @@ def test_resampled_header_needs_version_2() -> None:
                   decoder_digest=bytes(32), quantizer="uniform", quantizer_params=b"\0" * 16, coder="zstd",
                   coder_params=b"\x01", payload_length=99)
     header = container.Header(latent_shape=(4, 19, 63), coded_size=(500, 150), **fields)
-    assert header.version == (2, 0) and header.coded == (500, 150)
+    assert header.needed_version == (2, 0) and header.coded == (500, 150)
     assert container.Header.from_bytes(header.to_bytes(), 2) == header
     with pytest.raises(SyntaxError, match="trailing"):
         container.Header.from_bytes(header.to_bytes(), 1)

@@ -175,6 +175,44 @@ def test_latent_shape_must_match_the_image_size(rgb_sdl: bytes, field: str) -> N
         SdlImageFile(io.BytesIO(edited(rgb_sdl, header={field: fields[field] + 1})))
 
 
+@pytest.fixture(scope="module")
+def scaled_sdl(photo: Image.Image) -> bytes:
+    """Version 2: a 96x64 image whose latent codes it at 48x32."""
+    buffer = io.BytesIO()
+    photo.crop((0, 0, 96, 64)).save(buffer, format="SDL", scale=0.5)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("change", "error", "message"), [
+    ({"coded_width": 97}, SyntaxError, "not within"),  # larger than the image
+    ({"coded_height": 0, "latent_height": 0}, SyntaxError, "not within"),
+    ({"coded_width": 0xFFFFFFFF, "latent_width": 1 << 29}, SyntaxError, "not within"),
+    ({"latent_width": 12}, SyntaxError, "latent shape"),  # the latent of the whole image, not the coded one
+    ({"resampling": 0}, OSError, "filter 0.*upgrade"),
+    ({"resampling": 255}, OSError, "filter 255.*upgrade"),
+])
+def test_resampled_header_is_checked(scaled_sdl: bytes, change: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        SdlImageFile(io.BytesIO(edited(scaled_sdl, header=change)))
+
+
+def test_version_and_header_layout_must_agree(rgb_sdl: bytes, scaled_sdl: bytes) -> None:
+    """A version-1 header under major 2 lacks the coded size; a version-2 one under major 1 has bytes too many."""
+    for data, major in ((rgb_sdl, 2), (scaled_sdl, 1)):
+        with pytest.raises(SyntaxError):
+            SdlImageFile(io.BytesIO(data[:8] + bytes([major, 0]) + data[10:]))
+
+
+def test_tiny_coded_image_of_a_huge_one_honours_the_pixel_limit(scaled_sdl: bytes,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder would resize a 48x32 decode up to the header's size: Pillow's limit applies to that size."""
+    huge = edited(scaled_sdl, header={"width": 1 << 20, "height": 1 << 20})
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(huge))
+    with pytest.raises(Image.DecompressionBombError):
+        codec.decode_file(huge)
+
+
 def test_latent_channels_must_match_the_model(rgb_sdl: bytes) -> None:
     damaged = edited(rgb_sdl, header={"channels": 16, "quantizer_params": struct.pack(">16f", *[0.5] * 16)})
     with pytest.raises(OSError, match="channels"):
