@@ -29,7 +29,7 @@ from rd import image_paths
 from tqdm import tqdm
 
 import pillow_sdlatent  # noqa: F401  (registers the format)
-from pillow_sdlatent import container, quantize
+from pillow_sdlatent import codec, container
 
 TRAIN = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "train"
 OUT = Path(__file__).resolve().parent.parent / "docs" / "scale_per_rate"
@@ -66,9 +66,7 @@ def sweep(paths: list[Path], scales: list[float], qualities: list[int], csv_path
                     buffer = io.BytesIO()
                     image.save(buffer, format="SDL", model="taesd", scale=scale, quality=quality)
                     data = buffer.getvalue()
-                    layout = container.read_layout(io.BytesIO(data))
-                    step = quantize.quantizer_from_params(layout.header.quantizer, layout.header.quantizer_params,
-                                                          layout.header.latent_shape[0]).steps[0]
+                    step = codec.file_quantizer(container.read_layout(io.BytesIO(data)).header).steps[0]
                     with Image.open(io.BytesIO(data)) as decoded:
                         scores = reference(np.asarray(decoded.convert("RGB")))
                     row = {"image": path.name, "scale": scale, "quality": quality, "step": step, "bytes": len(data),

@@ -490,14 +490,16 @@ def read_symbols(layout: Layout, payload: bytes) -> np.ndarray:
         raise DamagedFileError(f"damaged SDL payload: {exc}") from None
 
 
-def dequantize(layout: Layout, symbols: np.ndarray) -> np.ndarray:
-    header = layout.header
+def file_quantizer(header: Header) -> quantize.UniformQuantizer:
+    """The quantizer a file names; ``DamagedFileError`` when its parameters are bad."""
     try:
-        quantizer = quantize.quantizer_from_params(
-            header.quantizer, header.quantizer_params, header.latent_shape[0])
+        return quantize.quantizer_from_params(header.quantizer, header.quantizer_params, header.latent_shape[0])
     except ValueError as exc:
         raise DamagedFileError(f"SDL quantizer: {exc}") from None
-    return quantizer.dequantize(symbols)
+
+
+def dequantize(layout: Layout, symbols: np.ndarray) -> np.ndarray:
+    return file_quantizer(layout.header).dequantize(symbols)
 
 
 def read_payload(fp: IO[bytes], layout: Layout, allow_truncated: bool) -> bytes:
@@ -597,8 +599,7 @@ def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, *, restore: b
     Otherwise, with ``restore`` (the default), the package's own restorer runs
     where it was measured to help at the file's step.
     """
-    step = max(quantize.quantizer_from_params(
-        layout.header.quantizer, layout.header.quantizer_params, layout.header.latent_shape[0]).steps)
+    step = max(file_quantizer(layout.header).steps)
     if denoise:
         if decoder.spec.latent_space != "sd1":
             raise ValueError(f"UNet denoising needs an SD 1.x latent, not a {decoder.spec.name!r} one")
