@@ -1,4 +1,4 @@
-"""Payload bytes of the ctx1 coder against zstd on identical quantized latents (Kodak by default).
+"""Payload bytes of the ctx2 and ctx1 coders against zstd on identical quantized latents (Kodak by default).
 
     PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/entropy.py [--model taesd] [--steps 0.25 0.38 0.6]
 """
@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pillow_sdlatent.codec import padded_rgb
 from pillow_sdlatent.context_coder import ContextCoder
 from pillow_sdlatent.entropy import ZstdCoder
+from pillow_sdlatent.learned_coder import CHANNELS, LearnedContextCoder
 from pillow_sdlatent.models import load_model
 from pillow_sdlatent.quantize import DEFAULT_STEP, UniformQuantizer
 
@@ -35,27 +36,29 @@ def main() -> None:
         with Image.open(path) as image:
             latents.append(model.encode_image(padded_rgb(image.convert("RGB"))))
             pixels.append(image.width * image.height)
-    zstd, ctx1 = ZstdCoder(), ContextCoder()
+    zstd = ZstdCoder()
+    coders = [LearnedContextCoder(), ContextCoder()] if latents[0].shape[0] == CHANNELS else [ContextCoder()]
     print(f"\n{args.model}, {len(files)} images from {args.images}\n")
-    print("| step | zstd bytes/img | ctx1 bytes/img (params+payload) | saving | ctx1 bpp "
-          "| ctx1 encode ms | ctx1 decode ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| step | coder | zstd bytes/img | bytes/img (params+payload) | saving over zstd | bpp "
+          "| encode ms | decode ms |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for step in args.steps:
-        sizes_z, sizes_c, enc_s, dec_s = [], [], [], []
-        for latent in latents:
-            symbols = UniformQuantizer.with_step(step, latent.shape[0]).quantize(latent)
-            sizes_z.append(sum(map(len, zstd.encode(symbols))))
-            start = time.perf_counter()
-            params, payload = ctx1.encode(symbols)
-            enc_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            assert np.array_equal(ctx1.decode(params, payload, symbols.shape), symbols)
-            dec_s.append(time.perf_counter() - start)
-            sizes_c.append(len(params) + len(payload))
-        saving = 1 - sum(sizes_c) / sum(sizes_z)
-        bpp = np.mean([8 * c / n for c, n in zip(sizes_c, pixels, strict=True)])
-        print(f"| {step:.3g} | {np.mean(sizes_z):.0f} | {np.mean(sizes_c):.0f} | {saving:.1%} | {bpp:.3f} | "
-              f"{1e3 * np.mean(enc_s):.0f} | {1e3 * np.mean(dec_s):.0f} |")
+        symbol_sets = [UniformQuantizer.with_step(step, latent.shape[0]).quantize(latent) for latent in latents]
+        sizes_z = [sum(map(len, zstd.encode(symbols))) for symbols in symbol_sets]
+        for coder in coders:
+            sizes, enc_s, dec_s = [], [], []
+            for symbols in symbol_sets:
+                start = time.perf_counter()
+                params, payload = coder.encode(symbols)
+                enc_s.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                assert np.array_equal(coder.decode(params, payload, symbols.shape), symbols)
+                dec_s.append(time.perf_counter() - start)
+                sizes.append(len(params) + len(payload))
+            saving = 1 - sum(sizes) / sum(sizes_z)
+            bpp = np.mean([8 * c / n for c, n in zip(sizes, pixels, strict=True)])
+            print(f"| {step:.3g} | {coder.name} | {np.mean(sizes_z):.0f} | {np.mean(sizes):.0f} | {saving:.1%} "
+                  f"| {bpp:.3f} | {1e3 * np.mean(enc_s):.0f} | {1e3 * np.mean(dec_s):.0f} |", flush=True)
 
 
 if __name__ == "__main__":

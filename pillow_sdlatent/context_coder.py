@@ -24,21 +24,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .rans import ESC_NBITS_BITS, ESCAPE_FREQ, PROB_BITS, PROB_SCALE, RansDecoder, RansEncoder
+
 # --- probability tables -----------------------------------------------------
 
-PROB_BITS = 16
-PROB_SCALE = 1 << PROB_BITS
-RANS_LOW = 1 << 16  # states live in [RANS_LOW, 2**32); renormalisation moves 16-bit words
 FRAC_BITS = 4  # predictions are fixed point with this many fraction bits
 FRAC = 1 << FRAC_BITS
 N_SCALES = 32
 SHAPE_POWER = 8  # weight (1 + u^2 / 16) ** -8: a Student-t with 15 degrees of freedom
 MAX_SYMBOL = 32767
 MU_LIMIT = MAX_SYMBOL * FRAC
-ESC_NBITS_BITS = 5  # an escape's bit count is coded as a uniform 5-bit value
-MAX_ESC_NBITS = 16
-#: an escape costs at most 11 + 5 + 16 bits, so no symbol takes more than 32 bits (FORMAT.md's LATD limit)
-ESCAPE_FREQ = 32
 ESCAPE_MARK = 1 << 40  # decoder-side delta of escape entries, far outside any symbol range
 
 
@@ -425,115 +420,6 @@ def _read_channel(r: _BitReader, n_weights: int) -> tuple[list[int], int, list[i
     return weights, bias, scales
 
 
-# --- interleaved rANS ------------------------------------------------------------------
-#
-# A piece is a run of at most ``lanes`` consecutive symbols of one wavefront; its i-th symbol
-# uses lane i. Per wavefront the decoder runs one step per piece, decoding all its symbols; then,
-# per piece holding escapes, a uniform 5-bit step over its escaped lanes (bit count n of v + 1),
-# a step with the low min(n, 8) bits and, for lanes with n > 8, one with the other n - 8 bits.
-# After each step every lane of the step whose state fell below RANS_LOW reads one 16-bit word,
-# lanes in increasing order. The encoder runs the same steps in reverse.
-
-
-class _RansEncoder:
-    def __init__(self, lanes: int) -> None:
-        self.state = np.full(lanes, RANS_LOW, dtype=np.int64)
-        self.out: list[np.ndarray] = []
-
-    def step(self, lanes: np.ndarray | slice, start: np.ndarray, freq: np.ndarray) -> None:
-        x = self.state[lanes]
-        emit = x >= freq << 16
-        if emit.any():
-            self.out.append((x[emit] & 0xFFFF)[::-1])
-            x = np.where(emit, x >> 16, x)
-        self.state[lanes] = ((x // freq) << 16) + x % freq + start
-
-    def uniform(self, lanes: np.ndarray, value: np.ndarray, nbits: np.ndarray) -> None:
-        shift = PROB_BITS - nbits
-        self.step(lanes, value << shift, np.left_shift(1, shift))
-
-    def getvalue(self) -> bytes:
-        words = np.concatenate(self.out)[::-1] if self.out else np.zeros(0, dtype=np.int64)
-        return self.state.astype("<u4").tobytes() + words.astype("<u2").tobytes()
-
-
-class _RansDecoder:
-    def __init__(self, payload: bytes, lanes: int, n_symbols: int) -> None:
-        n_words, odd = divmod(len(payload) - 4 * lanes, 2)
-        # no symbol costs more than 32 bits (plus rANS rounding), so two words per symbol and some slack
-        if n_words < 0 or odd or n_words > 2 * n_symbols + 256:
-            raise ValueError("ctx coder payload has a bad length")
-        self.state = np.frombuffer(payload, dtype="<u4", count=lanes).astype(np.int64)
-        if (self.state < RANS_LOW).any():
-            raise ValueError("ctx coder payload has a bad initial state")
-        self.words = np.frombuffer(payload, dtype="<u2", offset=4 * lanes)
-        self.pos = 0
-
-    def read(self, x: np.ndarray) -> None:
-        """Renormalise lane states ``x`` in place."""
-        need = (x < RANS_LOW).nonzero()[0]
-        if need.size:
-            end = self.pos + need.size
-            if end > len(self.words):
-                raise ValueError("ctx coder payload is truncated")
-            x[need] = (x[need] << 16) | self.words[self.pos : end]
-            self.pos = end
-
-    def wavefront(self, tid: np.ndarray, lanes: int) -> np.ndarray:
-        """Decode the symbols of one wavefront (one per lane and piece); returns their deltas."""
-        t = _tables()
-        key = tid * PROB_SCALE
-        d = np.empty(len(tid), dtype=np.int64)
-        for k in range(0, len(tid), lanes):
-            kk = key[k : k + lanes]
-            x = self.state[: len(kk)]
-            slot = x & (PROB_SCALE - 1)
-            j = np.searchsorted(t.ends, kk + slot, side="right")
-            x = t.freq[j] * (x >> 16) + slot - t.start[j]
-            self.read(x)
-            self.state[: len(kk)] = x
-            d[k : k + lanes] = t.delta[j]
-        return d
-
-    def uniform(self, lanes: np.ndarray, nbits: np.ndarray) -> np.ndarray:
-        shift = PROB_BITS - nbits
-        x = self.state[lanes]
-        slot = x & (PROB_SCALE - 1)
-        value = slot >> shift
-        x = np.left_shift(1, shift) * (x >> 16) + slot - (value << shift)
-        self.read(x)
-        self.state[lanes] = x
-        return value
-
-    def escapes(self, d: np.ndarray, radius: np.ndarray, lanes: int) -> None:
-        """Replace the escape marks in one wavefront's deltas ``d`` by the coded values."""
-        for k in range(0, len(d), lanes):
-            esc = (np.abs(d[k : k + lanes]) == ESCAPE_MARK).nonzero()[0]
-            if not esc.size:
-                continue
-            nb = self.uniform(esc, np.full(esc.size, ESC_NBITS_BITS))
-            if nb.max() > MAX_ESC_NBITS:
-                raise ValueError("ctx coder payload has an oversized escape")
-            v1 = np.left_shift(1, nb)
-            some = nb > 0
-            v1[some] |= self.uniform(esc[some], np.minimum(nb[some], 8))
-            big = nb > 8
-            v1[big] |= self.uniform(esc[big], nb[big] - 8) << 8
-            g = esc + k
-            d[g] = np.where(d[g] < 0, -radius[g] - v1, radius[g] + 1 + v1)
-
-    def finish(self) -> None:
-        if self.pos != len(self.words) or (self.state != RANS_LOW).any():
-            raise ValueError("ctx coder payload is damaged (final state mismatch)")
-
-
-def _bit_length(v: np.ndarray) -> np.ndarray:
-    n = np.zeros(v.shape, dtype=np.int64)
-    for i in range(MAX_ESC_NBITS + 2):
-        n += (v >> i) > 0
-    return n
-
-
 def _encode_symbols(s: np.ndarray, mu: np.ndarray, scale: np.ndarray, lay: _Layout) -> bytes:
     """rANS-code symbols ``s`` (coding order) given their predictions and width indices."""
     t = _tables()
@@ -542,33 +428,30 @@ def _encode_symbols(s: np.ndarray, mu: np.ndarray, scale: np.ndarray, lay: _Layo
     d = s - (mu >> FRAC_BITS)
     low, high = d < -radius, d > radius + 1
     j = t.offset[tid] + np.where(low, 0, np.where(high, 2 * radius + 3, d + radius + 1))
-    start, freq = t.start[j], t.freq[j]
-    escaped = low | high
-    v1 = np.where(low, -radius - d, np.where(high, d - radius - 1, 1))  # escape excess + 1, >= 1
-    nb = _bit_length(v1) - 1
-    lo_bits = v1 & ((1 << np.minimum(nb, 8)) - 1)
-    hi_bits = (v1 >> 8) & ((1 << np.maximum(nb - 8, 0)) - 1)
-    lanes = lay.lanes
-    enc = _RansEncoder(lanes)
-    for b, e in reversed(lay.steps):
-        pieces = list(range(b, e, lanes))[::-1]
-        if escaped[b:e].any():
-            for k in pieces:
-                esc = escaped[k : min(k + lanes, e)].nonzero()[0]
-                if not esc.size:
-                    continue
-                g = esc + k
-                big = nb[g] > 8
-                if big.any():
-                    enc.uniform(esc[big], hi_bits[g[big]], nb[g[big]] - 8)
-                some = nb[g] > 0
-                if some.any():
-                    enc.uniform(esc[some], lo_bits[g[some]], np.minimum(nb[g[some]], 8))
-                enc.uniform(esc, nb[g], np.full(esc.size, ESC_NBITS_BITS))
-        for k in pieces:
-            end = min(k + lanes, e)
-            enc.step(slice(0, end - k), start[k:end], freq[k:end])
+    excess = np.where(low, -radius - d, np.where(high, d - radius - 1, 0))
+    enc = RansEncoder(lay.lanes)
+    enc.code(lay.steps, t.start[j], t.freq[j], excess)
     return enc.getvalue()
+
+
+def _decode_wavefront(dec: RansDecoder, tid: np.ndarray, lanes: int) -> np.ndarray:
+    """Decode the symbols of one wavefront (one per lane and piece) coded with tables ``tid``; their deltas."""
+    t = _tables()
+    key = tid * PROB_SCALE
+    d = np.empty(len(tid), dtype=np.int64)
+    for k in range(0, len(tid), lanes):
+        kk = key[k : k + lanes]
+        j = np.searchsorted(t.ends, kk + dec.slots(len(kk)), side="right")
+        dec.advance(t.start[j], t.freq[j])
+        d[k : k + lanes] = t.delta[j]
+    radius = t.radius[tid]
+    for k in range(0, len(tid), lanes):
+        esc = (np.abs(d[k : k + lanes]) == ESCAPE_MARK).nonzero()[0]
+        if esc.size:
+            g = esc + k
+            v = dec.excess(esc)
+            d[g] = np.where(d[g] < 0, -radius[g] - v, radius[g] + 1 + v)
+    return d
 
 
 # --- the coder --------------------------------------------------------------------------
@@ -642,20 +525,16 @@ class ContextCoder:
         reader.finish()
         lay = _layout((ch, h, w))
         model = _Model.build(lay, *(list(f) for f in zip(*fields, strict=True)))
-        dec = _RansDecoder(payload, lay.lanes, ch * h * w)
+        dec = RansDecoder(payload, lay.lanes, ch * h * w, "ctx coder")
         sym = np.zeros(ch * lay.plane, dtype=np.int64)
         err = np.zeros_like(sym)
         for b, e in lay.steps:
             pos, chans = lay.pos[b:e], lay.chan[b:e]
             mu = model.predict(sym, pos, chans)
             tid = model.scales[chans * N_CTX + model.contexts(err, pos, chans)] * FRAC + (mu & (FRAC - 1))
-            d = dec.wavefront(tid, lay.lanes)
-            s = (mu >> FRAC_BITS) + d
+            s = (mu >> FRAC_BITS) + _decode_wavefront(dec, tid, lay.lanes)
             if s.min() < -MAX_SYMBOL - 1 or s.max() > MAX_SYMBOL:
-                dec.escapes(d, _tables().radius[tid], lay.lanes)
-                s = (mu >> FRAC_BITS) + d
-                if s.min() < -MAX_SYMBOL - 1 or s.max() > MAX_SYMBOL:
-                    raise ValueError("ctx coder payload decodes to an out-of-range symbol")
+                raise ValueError("ctx coder payload decodes to an out-of-range symbol")
             sym[pos] = s
             err[pos] = np.minimum(np.abs(s * FRAC - mu), ERROR_LIMIT)
         dec.finish()

@@ -13,6 +13,7 @@ import numpy as np
 import zstandard
 
 from .context_coder import ContextCoder
+from .learned_coder import LearnedContextCoder
 
 
 class EntropyCoder(Protocol):
@@ -68,9 +69,27 @@ def zstd_decompress_exact(frame: bytes, size: int) -> bytes:
     return raw
 
 
-CODERS: dict[str, EntropyCoder] = {ZstdCoder.name: ZstdCoder(), ContextCoder.name: ContextCoder()}
-#: 19% fewer payload bytes than zstd at the default quality on Kodak (21% at coarser steps)
-DEFAULT_CODER = ContextCoder.name
+CODERS: dict[str, EntropyCoder] = {
+    coder.name: coder for coder in (ZstdCoder(), ContextCoder(), LearnedContextCoder())
+}
+#: the default coder per latent space: ctx2's network learned SD 1.x latents (about 25% fewer payload
+#: bytes than zstd at the default quality on Kodak, against ctx1's 19%); ctx1 fits any latent per image
+DEFAULT_CODERS = {"sd1": LearnedContextCoder.name}
+FALLBACK_CODER = ContextCoder.name
+#: the default coder of the default model
+DEFAULT_CODER = DEFAULT_CODERS["sd1"]
+
+
+def default_coder(latent_space: str) -> str:
+    return DEFAULT_CODERS.get(latent_space, FALLBACK_CODER)
+
+
+def check_coder(name: str, channels: int) -> None:
+    """``ValueError`` when the coder is unknown or cannot code a latent with this many channels."""
+    coder = get_coder(name)
+    needed = getattr(coder, "channels", None)
+    if needed is not None and needed != channels:
+        raise ValueError(f"coder {name!r} codes {needed}-channel latents only; this model's have {channels}")
 
 
 def get_coder(name: str) -> EntropyCoder:
