@@ -24,7 +24,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .rans import ESC_NBITS_BITS, ESCAPE_FREQ, PROB_BITS, PROB_SCALE, RansDecoder, RansEncoder
+from .rans import (
+    ESC_NBITS_BITS,
+    ESCAPE_FREQ,
+    MAX_SYMBOL,
+    PROB_BITS,
+    PROB_SCALE,
+    RansDecoder,
+    RansEncoder,
+    checked_shape,
+    checked_symbols,
+    in_symbol_range,
+    zero_padded,
+)
 
 # --- probability tables -----------------------------------------------------
 
@@ -32,7 +44,6 @@ FRAC_BITS = 4  # predictions are fixed point with this many fraction bits
 FRAC = 1 << FRAC_BITS
 N_SCALES = 32
 SHAPE_POWER = 8  # weight (1 + u^2 / 16) ** -8: a Student-t with 15 degrees of freedom
-MAX_SYMBOL = 32767
 MU_LIMIT = MAX_SYMBOL * FRAC
 ESCAPE_MARK = 1 << 40  # decoder-side delta of escape entries, far outside any symbol range
 
@@ -482,18 +493,12 @@ class ContextCoder:
     name = "ctx1"
 
     def encode(self, symbols: np.ndarray) -> tuple[bytes, bytes]:
-        sym3 = np.asarray(symbols)
-        if sym3.ndim != 3 or not np.issubdtype(sym3.dtype, np.integer):
-            raise ValueError("ctx coder needs a (C, H, W) integer symbol array")
+        sym3 = checked_symbols(symbols, "ctx coder")
         if sym3.size == 0:
             return b"", b""
-        if sym3.min() < -MAX_SYMBOL - 1 or sym3.max() > MAX_SYMBOL:
-            raise ValueError("latent symbols exceed 16 bits; use a coarser quality")
         ch, h, w = sym3.shape
         lay = _layout((ch, h, w))
-        padded = np.zeros((ch, h + 2 * PAD, w + 2 * PAD), dtype=np.int64)
-        padded[:, PAD : PAD + h, PAD : PAD + w] = sym3
-        sym = padded.ravel()
+        sym = zero_padded(sym3, PAD)
         err = np.zeros_like(sym)
         mu_all = np.zeros_like(sym)
         scale_all = np.zeros_like(sym)
@@ -513,9 +518,7 @@ class ContextCoder:
         return writer.getvalue(), _encode_symbols(sym[order], mu_all[order], scale_all[order], lay)
 
     def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-        if len(shape) != 3 or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in shape):
-            raise ValueError(f"bad latent shape {shape!r}")
-        ch, h, w = (int(n) for n in shape)
+        ch, h, w = checked_shape(shape)
         if ch * h * w == 0:
             if params or payload:
                 raise ValueError("ctx coder data for an empty latent")
@@ -533,7 +536,7 @@ class ContextCoder:
             mu = model.predict(sym, pos, chans)
             tid = model.scales[chans * N_CTX + model.contexts(err, pos, chans)] * FRAC + (mu & (FRAC - 1))
             s = (mu >> FRAC_BITS) + _decode_wavefront(dec, tid, lay.lanes)
-            if s.min() < -MAX_SYMBOL - 1 or s.max() > MAX_SYMBOL:
+            if not in_symbol_range(s):
                 raise ValueError("ctx coder payload decodes to an out-of-range symbol")
             sym[pos] = s
             err[pos] = np.minimum(np.abs(s * FRAC - mu), ERROR_LIMIT)

@@ -25,7 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .rans import ESCAPE_FREQ, PROB_SCALE, RansDecoder, RansEncoder
+from .rans import (
+    ESCAPE_FREQ,
+    MAX_SYMBOL,
+    PROB_SCALE,
+    RansDecoder,
+    RansEncoder,
+    checked_shape,
+    checked_symbols,
+    in_symbol_range,
+    zero_padded,
+)
 
 WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / "ctx2_sd1.safetensors"
 #: SHA-256 of WEIGHTS_FILE: a file coded with other weights would decode to garbage, so refuse them
@@ -58,7 +68,6 @@ INV_SCALE_BITS = 16
 EXP_STEPS = 16  # mixture weight table: exp(-i / 16) * 2**16
 EXACT_LIMIT = 1 << 53
 MAX_RADIUS = 64
-MAX_SYMBOL = 32767
 
 
 def _lane_count(n_symbols: int) -> int:
@@ -335,20 +344,14 @@ class LearnedContextCoder:
     channels = CHANNELS
 
     def encode(self, symbols: np.ndarray) -> tuple[bytes, bytes]:
-        sym3 = np.asarray(symbols)
-        if sym3.ndim != 3 or not np.issubdtype(sym3.dtype, np.integer):
-            raise ValueError("ctx2 coder needs a (C, H, W) integer symbol array")
+        sym3 = checked_symbols(symbols, "ctx2 coder")
         if sym3.shape[0] != CHANNELS:
             raise ValueError(f"ctx2 codes {CHANNELS}-channel latents only, not {sym3.shape[0]}")
         if sym3.size == 0:
             return b"", b""
-        if sym3.min() < -MAX_SYMBOL - 1 or sym3.max() > MAX_SYMBOL:
-            raise ValueError("latent symbols exceed 16 bits; use a coarser quality")
         ch, h, w = sym3.shape
         lay = _layout((ch, h, w))
-        padded = np.zeros((ch, h + 2 * PAD, w + 2 * PAD), dtype=np.int64)
-        padded[:, PAD : PAD + h, PAD : PAD + w] = sym3
-        sym = padded.ravel()
+        sym = zero_padded(sym3, PAD)
         cond = self._choose_cond(sym, lay, _guess_cond(sym3))
         model = _Model.build(lay, cond)
         per_channel = [lay.pos[c * h * w : (c + 1) * h * w] for c in range(ch)]
@@ -387,9 +390,7 @@ class LearnedContextCoder:
         return best
 
     def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-        if len(shape) != 3 or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in shape):
-            raise ValueError(f"bad latent shape {shape!r}")
-        ch, h, w = (int(n) for n in shape)
+        ch, h, w = checked_shape(shape)
         if ch != CHANNELS:
             raise ValueError(f"ctx2 codes {CHANNELS}-channel latents only, not {ch}")
         if h * w == 0:
@@ -408,7 +409,7 @@ class LearnedContextCoder:
             pos = lay.pos[b:e]
             mix = model.mixture(sym, pos, b // per_channel)
             s = mix.centre + _decode_wavefront(dec, mix, radius, lay.lanes)
-            if s.min() < -MAX_SYMBOL - 1 or s.max() > MAX_SYMBOL:
+            if not in_symbol_range(s):
                 raise ValueError("ctx2 coder payload decodes to an out-of-range symbol")
             sym[pos] = s
         dec.finish()

@@ -1,4 +1,4 @@
-"""Interleaved rANS over numpy lanes, shared by the context coders (FORMAT.md, "rANS stream").
+"""Interleaved rANS over numpy lanes, and the input checks, shared by the context coders.
 
 Symbols are coded in *pieces*: a run of at most ``lanes`` symbols whose i-th symbol uses lane i.
 Each symbol is an interval ``[start, start + freq)`` of a ``PROB_SCALE`` total. A symbol outside its
@@ -20,6 +20,37 @@ ESC_NBITS_BITS = 5  # an escape's bit count is coded as a uniform 5-bit value
 MAX_ESC_NBITS = 16
 #: an escape costs at most 11 + 5 + 16 bits, so no symbol takes more than 32 bits (FORMAT.md's LATD limit)
 ESCAPE_FREQ = 32
+MAX_SYMBOL = 32767  # symbols are 16-bit signed
+
+
+def checked_symbols(symbols: np.ndarray, coder: str) -> np.ndarray:
+    """The (C, H, W) integer array a coder was given; ``ValueError`` for one it cannot code."""
+    sym3 = np.asarray(symbols)
+    if sym3.ndim != 3 or not np.issubdtype(sym3.dtype, np.integer):
+        raise ValueError(f"{coder} needs a (C, H, W) integer symbol array")
+    if sym3.size and (sym3.min() < -MAX_SYMBOL - 1 or sym3.max() > MAX_SYMBOL):
+        raise ValueError("latent symbols exceed 16 bits; use a coarser quality")
+    return sym3
+
+
+def checked_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A latent shape from the container as three Python ints; ``ValueError`` for anything else."""
+    if len(shape) != 3 or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in shape):
+        raise ValueError(f"bad latent shape {shape!r}")
+    ch, h, w = (int(n) for n in shape)
+    return ch, h, w
+
+
+def zero_padded(sym3: np.ndarray, pad: int) -> np.ndarray:
+    """The symbols as a flat int64 copy with a zero border ``pad`` wide around every channel."""
+    ch, h, w = sym3.shape
+    padded = np.zeros((ch, h + 2 * pad, w + 2 * pad), dtype=np.int64)
+    padded[:, pad : pad + h, pad : pad + w] = sym3
+    return padded.ravel()
+
+
+def in_symbol_range(s: np.ndarray) -> bool:
+    return bool(s.min() >= -MAX_SYMBOL - 1 and s.max() <= MAX_SYMBOL)
 
 
 def bit_length(v: np.ndarray) -> np.ndarray:
