@@ -55,26 +55,26 @@ HIGH_RATE_STEPS = (0.6, 0.1)
 #: Scale per rate, for the models it was measured on (RATE_CURVES); see ``scale_for_rate``. At low
 #: rates a smaller image with a finer step beats the whole image with a coarse one. On 10 held-out
 #: training photos (7 Sun-Hays80, 3 Urban100; not Kodak; ``python benchmarks/scale_per_rate.py``,
-#: docs/scale_per_rate) the scale with the lowest mean ST-LPIPS is 0.5 below 0.03 bpp, 0.625 to
-#: 0.065, 0.75 to 0.095 and 0.875 above. From 0.15 bpp up 0.875 leads 1 by under 4%, and the Urban100
-#: photos prefer 1, so the whole image is kept there (the default quality lands there too).
+#: docs/scale_per_rate; coder ctx2) the scale with the lowest mean ST-LPIPS is 0.5 below 0.032 bpp,
+#: 0.625 to 0.056, 0.75 to 0.084 and 0.875 above. From 0.14 bpp up 0.875 leads 1 by under 4%, and the
+#: Urban100 photos prefer 1, so the whole image is kept there (the default quality lands there too).
 #: (bits per pixel below which, scale), lowest rate first
-BPP_SCALES: tuple[tuple[float, float], ...] = ((0.03, 0.5), (0.065, 0.625), (0.095, 0.75), (0.15, 0.875))
+BPP_SCALES: tuple[tuple[float, float], ...] = ((0.032, 0.5), (0.056, 0.625), (0.084, 0.75), (0.14, 0.875))
 #: model -> {scale: ((step, bpp), ...)}: on those photos, the mean rate (bits per pixel of the
 #: full-size image) when coded at that scale with that step; between and beyond these points the
 #: rate is interpolated log-log (``mean_bpp``)
 RATE_CURVES: dict[str, dict[float, tuple[tuple[float, float], ...]]] = {
     "taesd": {
-        0.5: ((0.010, 0.1263), (0.015, 0.1169), (0.036, 0.0961), (0.087, 0.0764), (0.198, 0.0580),
-              (0.562, 0.0360), (2.875, 0.0084)),
-        0.625: ((0.013, 0.1834), (0.043, 0.1411), (0.080, 0.1189), (0.155, 0.0957), (0.271, 0.0764),
-                (0.476, 0.0580), (1.013, 0.0367), (3.354, 0.0077)),
-        0.75: ((0.050, 0.1917), (0.131, 0.1429), (0.215, 0.1182), (0.342, 0.0959), (0.521, 0.0764),
-               (0.813, 0.0580), (1.553, 0.0365), (4.329, 0.0058)),
-        0.875: ((0.122, 0.1969), (0.273, 0.1430), (0.400, 0.1182), (0.577, 0.0959), (0.823, 0.0764),
-                (1.221, 0.0581), (1.895, 0.0383), (3.176, 0.0136)),
-        1.0: ((0.229, 0.1992), (0.446, 0.1430), (0.612, 0.1183), (0.842, 0.0958), (1.157, 0.0765),
-              (1.590, 0.0592), (2.186, 0.0386), (3.004, 0.0192)),
+        0.5: ((0.030, 0.0969), (0.036, 0.0925), (0.087, 0.0729), (0.186, 0.0558), (0.482, 0.0361),
+              (1.138, 0.0217)),
+        0.625: ((0.030, 0.1483), (0.040, 0.1377), (0.081, 0.1129), (0.154, 0.0906), (0.270, 0.0717),
+                (0.457, 0.0550), (0.932, 0.0358), (1.665, 0.0232)),
+        0.75: ((0.044, 0.1906), (0.131, 0.1357), (0.215, 0.1112), (0.343, 0.0893), (0.520, 0.0709),
+               (0.787, 0.0548), (1.436, 0.0360), (2.222, 0.0211)),
+        0.875: ((0.118, 0.1892), (0.273, 0.1338), (0.400, 0.1098), (0.578, 0.0886), (0.821, 0.0708),
+                (1.189, 0.0547), (1.879, 0.0357), (2.674, 0.0190)),
+        1.0: ((0.229, 0.1867), (0.446, 0.1326), (0.612, 0.1093), (0.842, 0.0888), (1.157, 0.0708),
+              (1.590, 0.0547), (2.186, 0.0356), (3.004, 0.0174)),
     },
 }
 #: automatic scaling never makes the shorter side smaller than this
@@ -122,7 +122,7 @@ class EncodeOptions:
         effort = info.get("effort", 0)
         if isinstance(effort, bool) or not isinstance(effort, int) or effort not in refine.ITERATIONS:
             raise ValueError(f"effort must be an integer in 0..{refine.MAX_EFFORT}, not {effort!r}")
-        coder = info.get("coder")
+        coder = info.get("coder") or None
         if coder is not None:
             entropy.get_coder(coder)
         device = info.get("device")
@@ -238,6 +238,7 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
     from .models import WeightsNotFoundError, load_model
 
     chosen = model_for_rate(options, width, height)
+    coder = coder_for(options, chosen)
     try:
         model = load_model(chosen, weights=options.weights, device=options.device)
     except WeightsNotFoundError:
@@ -246,10 +247,8 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
         warnings.warn(f"no weights for {chosen!r}, which codes this rate best; using {options.model!r}",
                       stacklevel=4)
         chosen = options.model
+        coder = coder_for(options, chosen)
         model = load_model(chosen, weights=options.weights, device=options.device)
-    spec = get_spec(chosen)
-    coder = options.coder or entropy.default_coder(spec.latent_space)
-    entropy.check_coder(coder, spec.channels)
     options = replace(options, model=chosen, coder=coder)
     coded = scaled_size(width, height, scale_for_rate(options, width, height))
     scale = 1.0
@@ -260,9 +259,17 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
     return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model, scale, coded)
 
 
+def coder_for(options: EncodeOptions, model: str) -> str:
+    """The coder named, else ``model``'s default; ``ValueError``/``OSError`` now if it cannot serve."""
+    coder = options.coder or entropy.default_coder(model)
+    entropy.check_coder(coder, get_spec(model).channels)
+    return coder
+
+
 def model_for_rate(options: EncodeOptions, width: int, height: int) -> str:
-    """The named model; else the one that wins at the requested rate (see ``HIGH_RATE_MODEL``)."""
-    if options.model_fixed:
+    """The named model; else the one that wins at the requested rate (see ``HIGH_RATE_MODEL``),
+    unless the coder named cannot code that model's latents."""
+    if options.model_fixed or not entropy.codes_channels(options.coder, get_spec(HIGH_RATE_MODEL).channels):
         return options.model
     bpp = requested_bpp(options, width, height)
     if bpp is None:
@@ -442,7 +449,7 @@ def fit_rate(file_for: Any, target: int) -> tuple[bytes, float]:
 
     Size falls off roughly as a power of the step, so the search is regula falsi on log(size)
     against log(step) (Illinois variant, which keeps both ends of the bracket moving), aiming at
-    the middle of the window: about 3 encodes after the two ends, where bisection needs about 8.
+    the middle of the window.
     Never returns a file over ``target``; ``ValueError`` when even the coarsest
     step does not fit (the header and metadata alone may be too big).
     """

@@ -72,24 +72,33 @@ def zstd_decompress_exact(frame: bytes, size: int) -> bytes:
 CODERS: dict[str, EntropyCoder] = {
     coder.name: coder for coder in (ZstdCoder(), ContextCoder(), LearnedContextCoder())
 }
-#: the default coder per latent space: ctx2's network learned SD 1.x latents (about 25% fewer payload
-#: bytes than zstd at the default quality on Kodak, against ctx1's 19%); ctx1 fits any latent per image
-DEFAULT_CODERS = {"sd1": LearnedContextCoder.name}
+#: the default coder per model: ctx2's network learned TAESD latents of photos (26.1% fewer payload
+#: bytes than zstd at the default quality on Kodak, against ctx1's 19.1%); ctx1 fits any latent per
+#: image. sd-vae shares TAESD's latent space, but ctx2 was never measured on its latents here.
+DEFAULT_CODERS = {"taesd": LearnedContextCoder.name}
 FALLBACK_CODER = ContextCoder.name
 #: the default coder of the default model
-DEFAULT_CODER = DEFAULT_CODERS["sd1"]
+DEFAULT_CODER = DEFAULT_CODERS["taesd"]
 
 
-def default_coder(latent_space: str) -> str:
-    return DEFAULT_CODERS.get(latent_space, FALLBACK_CODER)
+def default_coder(model: str) -> str:
+    return DEFAULT_CODERS.get(model, FALLBACK_CODER)
+
+
+def codes_channels(name: str | None, channels: int) -> bool:
+    """Whether the coder ``name`` (None: a model's default, which always fits) codes such latents."""
+    return name is None or getattr(get_coder(name), "channels", channels) == channels
 
 
 def check_coder(name: str, channels: int) -> None:
-    """``ValueError`` when the coder is unknown or cannot code a latent with this many channels."""
-    coder = get_coder(name)
-    needed = getattr(coder, "channels", None)
-    if needed is not None and needed != channels:
-        raise ValueError(f"coder {name!r} codes {needed}-channel latents only; this model's have {channels}")
+    """``ValueError`` when the coder is unknown or cannot code a latent with this many channels;
+    ``OSError`` when it needs data it cannot load (ctx2's network), before any encoding starts."""
+    if not codes_channels(name, channels):
+        raise ValueError(f"coder {name!r} codes {get_coder(name).channels}-channel latents only; "
+                         f"this model's have {channels}")
+    prepare = getattr(get_coder(name), "prepare", None)
+    if prepare is not None:
+        prepare()
 
 
 def get_coder(name: str) -> EntropyCoder:

@@ -101,7 +101,8 @@ def test_damaged_input_raises_only_value_error(name: str) -> None:
             decode_or_value_error(name, bytes(flipped), payload, shape)
             decode_or_value_error(name, params, rng.bytes(int(rng.integers(len(payload) + 8))), shape)
             decode_or_value_error(name, rng.bytes(int(rng.integers(len(params) + 8))), payload, shape)
-            other = (shape[0], int(rng.integers(1, 9)), int(rng.integers(1, 9)))
+            channels = shape[0] if hasattr(CODERS[name], "channels") else int(rng.integers(1, 17))
+            other = (channels, int(rng.integers(1, 9)), int(rng.integers(1, 9)))
             decode_or_value_error(name, params, payload, other)
 
 

@@ -13,7 +13,9 @@ Stages (``--stages``):
    symbol from its causal neighbourhood, minimising code length. Every batch row draws a photo, a
    position and a conditioning step (half from the codec's whole range, half around the default),
    quantized as the codec does, ``rint(z / step)``.
-3. ``export``: weights rounded to the integer layout ``learned_coder`` runs, plus its lookup tables.
+3. ``export``: weights rounded to the integer layout ``learned_coder`` runs, plus its lookup tables,
+   into the cache folder; ``--install`` writes the package's file instead (then set
+   ``learned_coder.WEIGHTS_SHA256`` to the printed hash: files coded with the old network stop decoding).
 4. ``val``: real ctx2 bytes against zstd on the held-out photos at a few steps.
 """
 
@@ -242,16 +244,20 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--stages", default="cache,train,export,val")
-    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--mixtures", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=lc.WEIGHTS_FILE)
+    parser.add_argument("--out", type=Path, help="weights file to write (default: CACHE/ctx2_sd1.safetensors)")
+    parser.add_argument("--install", action="store_true",
+                        help="write the package's weights file; every ctx2 file made with the old one stops decoding")
     parser.add_argument("--val-steps", type=float, nargs="+", default=[0.12, 0.38, 1.0])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     stages = set(args.stages.split(","))
+    if args.out is None:
+        args.out = lc.WEIGHTS_FILE if args.install else args.cache / lc.WEIGHTS_FILE.name
     latents = list(np.load(cache_latents(args.data, args.cache)).values())
     train_set, held_out = split(latents)
     print(f"{len(train_set)} training latents, {len(held_out)} held out")
