@@ -235,6 +235,9 @@ def _run(net: _Net, x: np.ndarray, w1: np.ndarray, bias1: np.ndarray, step_fx: i
     return _Mixture(mu, inv, weight, centre, net.sigmoid)
 
 
+ENCODE_BLOCK = 1 << 14  # symbols the encoder runs the network on at once, bounding its memory
+
+
 @dataclass(frozen=True)
 class _Model:
     """The network set up for one image: its conditioning step folded into the first layer."""
@@ -261,9 +264,6 @@ class _Model:
         parts = [self.mixture(sym, pos[k : k + ENCODE_BLOCK], ch) for k in range(0, len(pos), ENCODE_BLOCK)]
         fields = ("mu", "inv", "weight", "centre")
         return _Mixture(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields), self.net.sigmoid)
-
-
-ENCODE_BLOCK = 1 << 14
 
 
 def _cumulative(mix: _Mixture, edges: np.ndarray, radius: int) -> np.ndarray:
