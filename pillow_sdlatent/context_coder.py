@@ -35,6 +35,7 @@ from .rans import (
     checked_shape,
     checked_symbols,
     in_symbol_range,
+    lane_count,
     zero_padded,
 )
 
@@ -159,11 +160,6 @@ class _Layout:
     lanes: int  # rANS lanes: the most symbols one rANS step handles
 
 
-def _lane_count(n_symbols: int) -> int:
-    """More lanes mean fewer numpy steps but cost ~3 bytes each; scale them with the latent."""
-    return max(4, min(128, n_symbols // 3072))
-
-
 def _layout(shape: tuple[int, int, int]) -> _Layout:
     c, h, w = shape
     stride = w + 2 * PAD
@@ -176,7 +172,7 @@ def _layout(shape: tuple[int, int, int]) -> _Layout:
     ends = np.cumsum(counts)
     steps = tuple((b, e) for b, e in zip((ends - counts).tolist(), ends.tolist(), strict=True) if e > b)
     pos = ch[order] * plane + (ys[order] + PAD) * stride + xs[order] + PAD
-    return _Layout(shape, stride, plane, pos, ch[order], steps, min(_lane_count(c * h * w), int(counts.max())))
+    return _Layout(shape, stride, plane, pos, ch[order], steps, lane_count(c * h * w, int(counts.max())))
 
 
 def _prediction_taps(stride: int, plane: int, c: int) -> list[int]:

@@ -34,6 +34,7 @@ from .rans import (
     checked_shape,
     checked_symbols,
     in_symbol_range,
+    lane_count,
     zero_padded,
 )
 
@@ -68,11 +69,6 @@ INV_SCALE_BITS = 16
 EXP_STEPS = 16  # mixture weight table: exp(-i / 16) * 2**16
 EXACT_LIMIT = 1 << 53
 MAX_RADIUS = 64
-
-
-def _lane_count(n_symbols: int) -> int:
-    """More lanes mean fewer numpy steps but cost 4 bytes each; scale them with the latent."""
-    return max(4, min(128, n_symbols // 3072))
 
 
 @dataclass(frozen=True)
@@ -179,7 +175,7 @@ def _layout(shape: tuple[int, int, int]) -> _Layout:
             cols += range(first, first + len(PREV_TAPS))
         taps.append(np.asarray(offs, dtype=np.int64))
         columns.append(np.asarray(cols, dtype=np.int64))
-    return _Layout(shape, pos, steps, tuple(taps), tuple(columns), min(_lane_count(c * h * w), int(counts.max())))
+    return _Layout(shape, pos, steps, tuple(taps), tuple(columns), lane_count(c * h * w, int(counts.max())))
 
 
 @dataclass(frozen=True)
@@ -322,11 +318,7 @@ def _decode_wavefront(dec: RansDecoder, mix: _Mixture, radius: int, lanes: int) 
 
 COND_SAMPLES = 1 << 9  # symbols per channel the encoder scores each conditioning step on
 COND_PROBES = (8, 4, 2, 1)  # search around the guess, halving the stride
-
-
 LATENT_RMS = 0.8  # of the TAESD latents of the training photos
-
-
 ESCAPE_BITS = 32  # about what an escape costs (FORMAT.md: 11 + 5 + its bits)
 
 

@@ -23,6 +23,12 @@ ESCAPE_FREQ = 32
 MAX_SYMBOL = 32767  # symbols are 16-bit signed
 
 
+def lane_count(n_symbols: int, largest_wavefront: int) -> int:
+    """Lanes for a latent of ``n_symbols``: more mean fewer numpy steps but cost 4 bytes each, and no
+    step holds more symbols than the largest wavefront."""
+    return min(max(4, min(128, n_symbols // 3072)), largest_wavefront)
+
+
 def checked_symbols(symbols: np.ndarray, coder: str) -> np.ndarray:
     """The (C, H, W) integer array a coder was given; ``ValueError`` for one it cannot code."""
     sym3 = np.asarray(symbols)

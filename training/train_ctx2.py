@@ -88,14 +88,14 @@ class Sampler:
 
     def __init__(self, latents: list[np.ndarray], seed: int) -> None:
         pad = lc.PAD
-        self.flat = np.concatenate([np.pad(z, ((0, 0), (pad, pad), (pad, pad))).ravel() for z in latents])
+        padded = [np.pad(z, ((0, 0), (pad, pad), (pad, pad))) for z in latents]
+        self.flat = np.concatenate([z.ravel() for z in padded])
         sizes = [z[0].size for z in latents]
         self.weights = np.asarray(sizes, dtype=np.float64) / sum(sizes)
-        self.starts = np.cumsum([0] + [np.pad(z, ((0, 0), (pad, pad), (pad, pad))).size for z in latents])[:-1]
+        self.starts = np.cumsum([0] + [z.size for z in padded])[:-1]
         self.shapes = [z.shape for z in latents]
         self.rng = np.random.default_rng(seed)
-        step_table = 2.0 ** ((np.arange(256) - lc.COND_ZERO) / 16)
-        self.steps = step_table
+        self.steps = 2.0 ** ((np.arange(256) - lc.COND_ZERO) / 16)
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Inputs (latent units, zero where the channel is not yet coded), channel, cond, step, symbol."""
