@@ -23,11 +23,11 @@ from rd import image_paths
 from torch import nn
 from tqdm import tqdm
 
-from pillow_sdlatent.codec import padded_rgb
-from pillow_sdlatent.context_coder import PREV_TAPS, SAME_TAPS, ContextCoder
-from pillow_sdlatent.entropy import ZstdCoder
+from pillow_sdlatent.core.coders import ZstdCoder
+from pillow_sdlatent.core.coders.ctx1 import PREV_TAPS, SAME_TAPS, ContextCoder
+from pillow_sdlatent.core.quantize import DEFAULT_STEP, UniformQuantizer
 from pillow_sdlatent.models import load_model
-from pillow_sdlatent.quantize import DEFAULT_STEP, UniformQuantizer
+from pillow_sdlatent.pipeline import padded_rgb
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TRAIN_STEPS = (0.25, DEFAULT_STEP, 0.6)

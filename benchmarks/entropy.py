@@ -1,6 +1,6 @@
 """Payload bytes of the ctx2 and ctx1 coders against zstd on identical quantized latents (Kodak by default).
 
-    PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/entropy.py [--model taesd] [--steps 0.25 0.38 0.6]
+    PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/coders.py [--model taesd] [--steps 0.25 0.38 0.6]
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pillow_sdlatent.codec import padded_rgb
-from pillow_sdlatent.context_coder import ContextCoder
-from pillow_sdlatent.entropy import ZstdCoder
-from pillow_sdlatent.learned_coder import CHANNELS, LearnedContextCoder
+from pillow_sdlatent.core.coders import ZstdCoder
+from pillow_sdlatent.core.coders.ctx1 import ContextCoder
+from pillow_sdlatent.core.coders.ctx2 import CHANNELS, LearnedContextCoder
+from pillow_sdlatent.core.quantize import DEFAULT_STEP, UniformQuantizer
 from pillow_sdlatent.models import load_model
-from pillow_sdlatent.quantize import DEFAULT_STEP, UniformQuantizer
+from pillow_sdlatent.pipeline import padded_rgb
 
 KODAK = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "kodak"
 

@@ -26,11 +26,11 @@ from bdrate import bd_rate
 from metrics import STLPIPS, psnr
 from rd import image_paths
 
-from pillow_sdlatent import refine, restore
-from pillow_sdlatent.codec import padded_rgb
-from pillow_sdlatent.context_coder import ContextCoder
+from pillow_sdlatent.core.coders.ctx1 import ContextCoder
+from pillow_sdlatent.core.quantize import UniformQuantizer, step_for_quality
+from pillow_sdlatent.enhance import effort, restore
 from pillow_sdlatent.models import load_model
-from pillow_sdlatent.quantize import UniformQuantizer, step_for_quality
+from pillow_sdlatent.pipeline import padded_rgb
 
 KODAK = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "kodak"
 
@@ -56,8 +56,8 @@ def main() -> None:
         latent = model.encode_image(rgb)
         step = step_for_quality(quality)
         quantizer = UniformQuantizer.with_step(step, latent.shape[0])
-        candidates = (latent, refine.refine_latent(model, latent, rgb, step, args.effort),
-                      refine.refine_latent(model, latent, rgb, step, args.effort, distance=vgg))
+        candidates = (latent, effort.refine_latent(model, latent, rgb, step, args.effort),
+                      effort.refine_latent(model, latent, rgb, step, args.effort, distance=vgg))
         for name, candidate in zip(variants, candidates, strict=True):
             symbols = quantizer.quantize(candidate)
             size = sum(map(len, ContextCoder().encode(symbols)))

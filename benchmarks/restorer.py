@@ -28,7 +28,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from metrics import STLPIPS, ReferenceMetrics
 
-from pillow_sdlatent import entropy, quantize, restore
+from pillow_sdlatent.core import coders, quantize
+from pillow_sdlatent.enhance import restore
 from pillow_sdlatent.models import LatentModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def coded_bpp(latent: np.ndarray, step: float, pixels: int) -> tuple[np.ndarray,
     """Dequantized latent and bits per pixel of its symbols under the default coder."""
     quantizer = quantize.UniformQuantizer.with_step(step, latent.shape[0])
     symbols = quantizer.quantize(latent)
-    params, payload = entropy.get_coder(entropy.DEFAULT_CODER).encode(symbols)
+    params, payload = coders.get_coder(coders.DEFAULT_CODER).encode(symbols)
     return quantizer.dequantize(symbols), 8 * (len(params) + len(payload)) / pixels
 
 
@@ -102,7 +103,7 @@ def main() -> None:
             timings["restore"].append(time.perf_counter() - start)
             latents = {"plain": dequantized, "restored": restored}
             if args.unet:
-                from pillow_sdlatent.unet_denoise import denoise_latent
+                from pillow_sdlatent.enhance.unet import denoise_latent
 
                 latents["unet"] = denoise_latent(dequantized, step, model=args.unet)
             for variant, z in latents.items():
@@ -137,7 +138,7 @@ def report(rows: list[dict[str, object]], steps: list[float], variants: tuple[st
     head = ["step", "bpp"]
     for metric in ("PSNR dB", "MS-SSIM", "ST-LPIPS"):
         head += [f"{metric} plain", *(f"{metric} {v}" for v in others)]
-    lines = [f"Kodak, {count} images, TAESD, coder `{entropy.DEFAULT_CODER}` (means)", "",
+    lines = [f"Kodak, {count} images, TAESD, coder `{coders.DEFAULT_CODER}` (means)", "",
              "| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
     helpful = []
     for step in steps:

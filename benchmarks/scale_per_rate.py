@@ -6,8 +6,8 @@
 Held-out training photos by default (every 11th Sun-Hays80 photo and every 31st Urban100 photo,
 center-cropped to at most 768x512; never Kodak): each is saved at every ``--scales`` x
 ``--qualities`` with that ``scale`` forced, decoded, and scored at full size. Prints, per rate, the
-scale with the lowest mean ST-LPIPS (what ``codec.BPP_SCALES`` holds), the BD-rate of each scale
-against scale 1, and the mean rate per step at each scale (``codec.RATE_CURVES``); writes a CSV, a
+scale with the lowest mean ST-LPIPS (what ``rate.BPP_SCALES`` holds), the BD-rate of each scale
+against scale 1, and the mean rate per step at each scale (``rate.RATE_CURVES``); writes a CSV, a
 markdown table and ST-LPIPS/PSNR plots.
 """
 
@@ -29,7 +29,7 @@ from rd import image_paths
 from tqdm import tqdm
 
 import pillow_sdlatent  # noqa: F401  (registers the format)
-from pillow_sdlatent import codec, container
+from pillow_sdlatent.core import container, read
 
 TRAIN = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "train"
 OUT = Path(__file__).resolve().parent.parent / "docs" / "scale_per_rate"
@@ -66,7 +66,7 @@ def sweep(paths: list[Path], scales: list[float], qualities: list[int], csv_path
                     buffer = io.BytesIO()
                     image.save(buffer, format="SDL", model="taesd", scale=scale, quality=quality)
                     data = buffer.getvalue()
-                    step = codec.file_quantizer(container.read_layout(io.BytesIO(data)).header).steps[0]
+                    step = read.file_quantizer(container.read_layout(io.BytesIO(data)).header).steps[0]
                     with Image.open(io.BytesIO(data)) as decoded:
                         scores = reference(np.asarray(decoded.convert("RGB")))
                     row = {"image": path.name, "scale": scale, "quality": quality, "step": step, "bytes": len(data),
@@ -100,7 +100,7 @@ def at_rate(points: list[dict[str, float]], metric: str, bpp: float) -> float:
 
 
 def rate_curves(curves: dict[float, list[dict[str, float]]]) -> str:
-    """``codec.RATE_CURVES``' entry for these curves: (step, mean bpp) per scale, by step."""
+    """``rate.RATE_CURVES``' entry for these curves: (step, mean bpp) per scale, by step."""
     lines = []
     for scale, points in curves.items():
         steps = {}  # qualities whose steps clamp to the same value give one point
@@ -138,7 +138,7 @@ def report(rows: list[dict], out: Path) -> str:
                             rate_range=(0.05, 0.2))
             cells.append("n/a" if math.isnan(value) else f"{value:+.1f}%")
         lines.append(f"| {scale:g} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean rate per step and scale, as `codec.RATE_CURVES['taesd']`:", "", "```python",
+    lines += ["", "Mean rate per step and scale, as `rate.RATE_CURVES['taesd']`:", "", "```python",
               rate_curves(curves), "```"]
     plot(curves, out)
     return "\n".join(lines)

@@ -154,7 +154,7 @@ def large_checks(device: str) -> dict[str, Any]:
     from PIL import Image
 
     import pillow_sdlatent  # noqa: F401
-    from pillow_sdlatent import codec, models
+    from pillow_sdlatent import models, pipeline
 
     with Image.open(KODAK / "kodim23.png") as photo:
         photo = photo.convert("RGB")
@@ -179,7 +179,7 @@ def large_checks(device: str) -> dict[str, Any]:
         preview.draft("RGB", (WIDTH // 8, HEIGHT // 8))
         preview.load()
     results["preview_ms"] = (time.perf_counter() - start) * 1e3
-    full = codec.decode_file(buffer.getvalue())
+    full = pipeline.decode_file(buffer.getvalue())
     results["preview_psnr_db"] = _psnr(np.asarray(full.reduce(8)), np.asarray(preview))
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -193,7 +193,7 @@ def _round_trip_24mp(device: str) -> dict[str, Any]:
     from PIL import Image
 
     import pillow_sdlatent
-    from pillow_sdlatent import codec
+    from pillow_sdlatent import pipeline
 
     with Image.open(KODAK / "kodim23.png") as photo:
         big = photo.convert("RGB").resize((6000, 4000), Image.Resampling.BICUBIC)
@@ -202,7 +202,7 @@ def _round_trip_24mp(device: str) -> dict[str, Any]:
     buffer = io.BytesIO()
     big.save(buffer, format="SDL", device=device)
     encoded = time.perf_counter() - start
-    image = codec.decode_file(buffer.getvalue(), device=device)
+    image = pipeline.decode_file(buffer.getvalue(), device=device)
     peak = peak_rss_bytes()
     assert image.size == big.size and pillow_sdlatent
     return {"24mp_peak_rss_mib": peak / 2**20, "24mp_rss_before_mib": baseline / 2**20,

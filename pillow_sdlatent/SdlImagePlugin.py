@@ -1,7 +1,8 @@
 """The Pillow face of the codec: ``_accept``, the ``ImageFile`` subclass, the save handler.
 
 Opening parses the header only (no torch, no numpy work); ``load()`` runs the
-decoder. All real work lives in :mod:`pillow_sdlatent.codec`.
+decoder. All real work lives in :mod:`pillow_sdlatent.pipeline`
+(and :mod:`pillow_sdlatent.preview` for ``draft``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import IO, Any
 
 from PIL import Image, ImageFile
 
-from . import container
 from ._atomic import atomic_write
+from .core import container
 
 FORMAT = "SDL"
 MIME = "image/x-sdl"
@@ -117,15 +118,15 @@ class _SdlDecoder(ImageFile.PyDecoder):
     _pulls_fd = True
 
     def decode(self, buffer: bytes | Image.SupportsArrayInterface) -> tuple[int, int]:
-        from . import codec
+        from . import pipeline, preview
 
         image_file: SdlImageFile = self.args[0]
         assert self.fd is not None
         truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
         if image_file.preview:
-            decoded = codec.preview_layout(self.fd, image_file.layout, allow_truncated=truncated_ok)
+            decoded = preview.preview_layout(self.fd, image_file.layout, allow_truncated=truncated_ok)
         else:
-            decoded = codec.decode_layout(
+            decoded = pipeline.decode_layout(
                 self.fd, image_file.layout, allow_truncated=truncated_ok, **image_file.decode_options
             )
         self.set_as_raw(decoded.tobytes(), decoded.mode)
@@ -133,9 +134,9 @@ class _SdlDecoder(ImageFile.PyDecoder):
 
 
 def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
-    from . import codec
+    from . import pipeline
 
-    fp.write(codec.encode_image(im, im.encoderinfo))
+    fp.write(pipeline.encode_image(im, im.encoderinfo))
 
 
 def _is_sdl_target(fp: str | bytes | os.PathLike[Any], format: str | None) -> bool:

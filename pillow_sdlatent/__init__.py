@@ -16,9 +16,13 @@ register()
 
 
 def __getattr__(name: str) -> Any:
-    """Codec functions load on first use, so that importing the plugin stays cheap."""
-    if name in ("read_latent", "encode_image", "encode_images", "decode_file", "decode_files"):
-        from . import codec
+    """The codec functions load on first use, so that importing the plugin stays cheap."""
+    if name == "read_latent":
+        from .core.read import read_latent
 
-        return getattr(codec, name)
+        return read_latent
+    if name in ("encode_image", "encode_images", "decode_file", "decode_files"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
     raise AttributeError(f"module 'pillow_sdlatent' has no attribute {name!r}")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import container
 from ._atomic import atomic_write
-from .quantize import DEFAULT_QUALITY
+from .core import container
+from .core.quantize import DEFAULT_QUALITY
 
 
 def _output_path(source: Path, out_dir: Path | None, suffix: str) -> Path:
@@ -46,7 +46,7 @@ def _attempt(work: Callable[[list[Path]], None], chunk: list[Path]) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from .codec import encode_images
+    from .pipeline import encode_images
 
     options = {"quality": args.quality, "bpp": args.bpp, "max_bytes": args.max_bytes, "effort": args.effort,
                "model": args.model, "device": args.device, "weights": args.weights, "scale": args.scale}
@@ -64,7 +64,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .codec import decode_files
+    from .pipeline import decode_files
 
     def decode_batch(sources: list[Path]) -> None:
         images = decode_files(sources, model=args.model, device=args.device, weights=args.weights)

@@ -16,11 +16,12 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .core.registry import DEFAULT_MODEL, ModelSpec, get_spec
 
 if TYPE_CHECKING:
     import torch
@@ -38,38 +39,6 @@ class WeightsNotFoundError(OSError):
 
 class UnsafeWeightsError(ValueError):
     """A weights path names a pickle-based format, which is never loaded."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a registry name stands for."""
-
-    name: str
-    family: str  # "tiny" (AutoencoderTiny) or "kl" (AutoencoderKL)
-    latent_space: str
-    channels: int
-    hub_id: str
-    file_prefix: str = ""  # TAESD file names in the models folder: {prefix}_encoder.safetensors
-
-
-REGISTRY: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("taesd", "tiny", "sd1", 4, "madebyollin/taesd", "taesd"),
-        ModelSpec("taesdxl", "tiny", "sdxl", 4, "madebyollin/taesdxl", "taesdxl"),
-        ModelSpec("taesd3", "tiny", "sd3", 16, "madebyollin/taesd3", "taesd3"),
-        ModelSpec("taef1", "tiny", "flux", 16, "madebyollin/taef1", "taef1"),
-        ModelSpec("sd-vae", "kl", "sd1", 4, "stabilityai/sd-vae-ft-mse"),
-    )
-}
-DEFAULT_MODEL = "taesd"
-
-
-def get_spec(name: str) -> ModelSpec:
-    try:
-        return REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(REGISTRY)}") from None
 
 
 def resolve_device(device: str | None = None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pillow_sdlatent.entropy import EntropyCoder
+from pillow_sdlatent.core.coders import EntropyCoder
 
 
 def round_trip(coder: EntropyCoder, symbols: np.ndarray) -> tuple[bytes, bytes]:

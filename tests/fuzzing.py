@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from pillow_sdlatent import container, entropy
+from pillow_sdlatent.core import coders, container
 
 PACKAGE_DIR = str(Path(container.__file__).resolve().parent)
 ACTIONS = ("load", "verify", "load_truncated", "thumbnail")
@@ -91,7 +91,7 @@ def make_seeds() -> dict[str, bytes]:
     for name, image, options in specs[:]:
         if name in ("rgb-16x16", "la-8x16", "rgba-16x16-meta", "taesd3-8x8"):
             specs += [(f"{name}-{coder}", image, {**options, "coder": coder})
-                      for coder in sorted(set(entropy.CODERS) - {entropy.DEFAULT_CODER})]
+                      for coder in sorted(set(coders.CODERS) - {coders.DEFAULT_CODER})]
     seeds = {}
     for name, image, options in specs:
         buffer = io.BytesIO()
@@ -218,7 +218,7 @@ INTERESTING_32 = (0, 1, 2, 7, 8, 9, 0x7F, 0x80, 0xFF, 0xFFFF, 0x10000, 0x7FFFFFF
                   0xFFFFFFFF, 16 << 20, (16 << 20) + 1, 1 << 30, 1 << 20, (1 << 20) + 1)
 INTERESTING_64 = (*INTERESTING_32, 1 << 32, 1 << 40, 1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1)
 STRINGS = (b"", b"RGB", b"L", b"LA", b"RGBA", b"1", b"P", b"I;16", b"F", b"CMYK", b"RGBX", b"taesd", b"taesdxl",
-           b"taesd3", b"taef1", b"sd-vae", b"nope", b"uniform", *(name.encode() for name in entropy.CODERS),
+           b"taesd3", b"taef1", b"sd-vae", b"nope", b"uniform", *(name.encode() for name in coders.CODERS),
            b"ctx", b"\xff\xfe", b"a\nb", b"A" * 255)
 
 
@@ -639,7 +639,8 @@ def _worker(conn: connection.Connection, warmup: list[bytes], max_pixels: int) -
     import torch
 
     torch.set_num_threads(1)
-    from pillow_sdlatent.models import REGISTRY, load_model
+    from pillow_sdlatent.core.registry import REGISTRY
+    from pillow_sdlatent.models import load_model
 
     for name in REGISTRY:  # a mutant may name any model: load them all now, not inside a measured input
         try:

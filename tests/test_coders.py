@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pillow_sdlatent.context_coder import ContextCoder
-from pillow_sdlatent.learned_coder import LearnedContextCoder
+from pillow_sdlatent.core.coders.ctx1 import ContextCoder
+from pillow_sdlatent.core.coders.ctx2 import LearnedContextCoder
 from tests import coding
 from tests.coding import sample_symbols
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pillow_sdlatent.context_coder import ContextCoder, _tables
-from pillow_sdlatent.entropy import ZstdCoder
+from pillow_sdlatent.core.coders import ZstdCoder
+from pillow_sdlatent.core.coders.ctx1 import ContextCoder, _tables
 from tests.coding import round_trip, sample_symbols
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "kodak_taesd_symbols.npz"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from pillow_sdlatent import container
+from pillow_sdlatent.core import container
 from pillow_sdlatent.SdlImagePlugin import SdlImageFile
 
 

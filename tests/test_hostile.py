@@ -22,9 +22,10 @@ import pytest
 import zstandard
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from pillow_sdlatent import codec, container, models
-from pillow_sdlatent.codec import DigestMismatchError
+from pillow_sdlatent import models, pipeline
+from pillow_sdlatent.core import container, read
 from pillow_sdlatent.models import UnsafeWeightsError
+from pillow_sdlatent.pipeline import DigestMismatchError
 from pillow_sdlatent.SdlImagePlugin import SdlImageFile
 from tests.fuzzing import PREFIX_LENGTH, Chunk, build_shdr, join, parse_shdr, split
 
@@ -139,7 +140,7 @@ def test_every_decode_path_applies_the_pixel_limit(rgb_sdl: bytes) -> None:
     with peak_heap() as peak, pytest.raises(Image.DecompressionBombError):
         image.load()
     assert peak[0] < SMALL_PEAK
-    for decode in (codec.decode_file, codec.read_latent):
+    for decode in (pipeline.decode_file, read.read_latent):
         with peak_heap() as peak, pytest.raises(Image.DecompressionBombError):
             decode(bomb)
         assert peak[0] < SMALL_PEAK
@@ -148,7 +149,7 @@ def test_every_decode_path_applies_the_pixel_limit(rgb_sdl: bytes) -> None:
 def test_pixel_limit_warns_like_pillow(rgb_sdl: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 24 * 16 - 1)
     with pytest.warns(Image.DecompressionBombWarning):
-        codec.decode_file(rgb_sdl)
+        pipeline.decode_file(rgb_sdl)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         SdlImageFile(io.BytesIO(rgb_sdl)).load()  # Image.open warns; load() only refuses
@@ -157,7 +158,7 @@ def test_pixel_limit_warns_like_pillow(rgb_sdl: bytes, monkeypatch: pytest.Monke
     with pytest.raises(Image.DecompressionBombError):
         SdlImageFile(io.BytesIO(rgb_sdl)).load()
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    codec.decode_file(rgb_sdl)
+    pipeline.decode_file(rgb_sdl)
 
 
 @pytest.mark.parametrize(("width", "height"), [(0, 16), (24, 0), ((1 << 20) + 1, 16), (0xFFFFFFFF, 0xFFFFFFFF)])
@@ -210,7 +211,7 @@ def test_tiny_coded_image_of_a_huge_one_honours_the_pixel_limit(scaled_sdl: byte
     with pytest.raises(Image.DecompressionBombError):
         Image.open(io.BytesIO(huge))
     with pytest.raises(Image.DecompressionBombError):
-        codec.decode_file(huge)
+        pipeline.decode_file(huge)
 
 
 def test_latent_channels_must_match_the_model(rgb_sdl: bytes) -> None:
@@ -218,7 +219,7 @@ def test_latent_channels_must_match_the_model(rgb_sdl: bytes) -> None:
     with pytest.raises(OSError, match="channels"):
         decoded(damaged)
     with pytest.raises(OSError, match="channels"):
-        codec.read_latent(damaged)
+        read.read_latent(damaged)
 
 
 @pytest.mark.parametrize("claim", [4 << 30, 1 << 62])
@@ -287,11 +288,11 @@ def test_a_payload_length_past_the_end_is_not_allocated(rgb_sdl: bytes, tmp_path
         with pytest.raises(OSError, match="truncated"):
             Image.open(target).verify()
         with pytest.raises(OSError, match="truncated"):
-            codec.read_latent(target)
+            read.read_latent(target)
     assert peak[0] < SMALL_PEAK
     spy = ReadSpy(big)
     with pytest.raises(OSError, match="truncated"):
-        codec.read_latent(spy)
+        read.read_latent(spy)
     assert spy.largest < len(big)
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pillow_sdlatent import learned_coder
-from pillow_sdlatent.context_coder import ContextCoder
-from pillow_sdlatent.entropy import ZstdCoder, check_coder
-from pillow_sdlatent.learned_coder import LearnedContextCoder
+from pillow_sdlatent.core.coders import ZstdCoder, check_coder, ctx2
+from pillow_sdlatent.core.coders.ctx1 import ContextCoder
+from pillow_sdlatent.core.coders.ctx2 import LearnedContextCoder
 from tests.coding import round_trip, sample_symbols
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "kodak_taesd_symbols.npz"
@@ -84,21 +83,21 @@ def test_frozen_stream_decodes() -> None:
 
 def test_shipped_weights_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A weights file other than the one the format was frozen with is refused, not used."""
-    assert hashlib.sha256(learned_coder.WEIGHTS_FILE.read_bytes()).hexdigest() == learned_coder.WEIGHTS_SHA256
+    assert hashlib.sha256(ctx2.WEIGHTS_FILE.read_bytes()).hexdigest() == ctx2.WEIGHTS_SHA256
     tampered = tmp_path / "ctx2.safetensors"
-    shutil.copy(learned_coder.WEIGHTS_FILE, tampered)
+    shutil.copy(ctx2.WEIGHTS_FILE, tampered)
     data = bytearray(tampered.read_bytes())
     data[-1] ^= 1
     tampered.write_bytes(bytes(data))
-    monkeypatch.setattr(learned_coder, "WEIGHTS_FILE", tampered)
-    monkeypatch.setattr(learned_coder, "_net_cache", [])
+    monkeypatch.setattr(ctx2, "WEIGHTS_FILE", tampered)
+    monkeypatch.setattr(ctx2, "_net_cache", [])
     with pytest.raises(OSError, match="reinstall"):
         CODER.decode(bytes.fromhex(GOLDEN_PARAMS), bytes.fromhex(GOLDEN_PAYLOAD), (4, 6, 7))
 
 
 def test_decode_rejects_bad_parameters_and_shapes() -> None:
     params, payload = CODER.encode(sample_symbols(4))
-    for bad_params in (params[:1] + b"\0", params[:1] + bytes([learned_coder.MAX_RADIUS + 1]), params[:1]):
+    for bad_params in (params[:1] + b"\0", params[:1] + bytes([ctx2.MAX_RADIUS + 1]), params[:1]):
         with pytest.raises(ValueError):
             CODER.decode(bad_params, payload, (4, 6, 7))
     for shape in ((3, 6, 7), (16, 6, 7)):

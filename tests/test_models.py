@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pillow_sdlatent import codec, models
+from pillow_sdlatent import models, pipeline
+from pillow_sdlatent.core import read
+from pillow_sdlatent.core.registry import REGISTRY
 from pillow_sdlatent.models import WeightsNotFoundError, load_model
 from tests.conftest import psnr
 
@@ -53,10 +55,10 @@ def test_taesd_file_decodes_with_sd_vae(photo: Image.Image, tiny_sd_vae: Path) -
     """taesd and sd-vae share SD 1.x's latent space: either decoder reads the other's files."""
     buffer = io.BytesIO()
     photo.save(buffer, format="SDL", model="taesd")
-    decoded = codec.decode_file(buffer.getvalue(), model="sd-vae", weights=str(tiny_sd_vae))
+    decoded = pipeline.decode_file(buffer.getvalue(), model="sd-vae", weights=str(tiny_sd_vae))
     assert decoded.size == photo.size
     with pytest.raises(ValueError, match="latent space"):
-        codec.decode_file(buffer.getvalue(), model="taesdxl")
+        pipeline.decode_file(buffer.getvalue(), model="taesdxl")
 
 
 @pytest.mark.parametrize("name", ["taesdxl", "taesd3", "taef1"])
@@ -65,7 +67,7 @@ def test_other_taesd_models(photo: Image.Image, name: str) -> None:
     photo.save(buffer, format="SDL", model=name)
     buffer.seek(0)
     with Image.open(buffer) as image:
-        channels = models.REGISTRY[name].channels
+        channels = REGISTRY[name].channels
         assert image.info["sdl"]["latent_shape"] == (channels, 16, 24)
         image.load()
         assert psnr(photo, image) > 22
@@ -101,7 +103,7 @@ def test_encoding_is_deterministic(photo: Image.Image) -> None:
     photo.save(first, format="SDL")
     photo.save(second, format="SDL")
     assert first.getvalue() == second.getvalue()
-    latent = codec.read_latent(first.getvalue())
+    latent = read.read_latent(first.getvalue())
     assert np.isfinite(latent).all()
 
 
@@ -123,7 +125,7 @@ def test_onnxruntime_and_torch_runtimes_agree(photo: Image.Image, monkeypatch: p
     """The CPU default (ONNX Runtime) runs the same network as torch: same latent, pixels within one level."""
     ort_model, torch_model = load_model("taesd"), load_model("taesd", runtime="torch")
     assert (ort_model.runtime, torch_model.runtime) == ("onnxruntime", "torch")
-    rgb = codec.padded_rgb(photo)
+    rgb = pipeline.padded_rgb(photo)
     latent = ort_model.encode_image(rgb)
     assert np.abs(latent - torch_model.encode_image(rgb)).max() < 1e-3
     by_ort, by_torch = ort_model.decode_image(latent), torch_model.decode_image(latent)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pillow_sdlatent import codec, models
+from pillow_sdlatent import models, pipeline, rate
 from tests.conftest import psnr
 
 
@@ -58,13 +58,13 @@ def test_effort_adds_a_given_distance_to_its_objective(photo: Image.Image) -> No
     """``refine_latent(distance=...)`` (benchmarks/perceptual_effort.py) optimises that term as well."""
     import torch
 
-    from pillow_sdlatent import refine
+    from pillow_sdlatent.enhance import effort
 
     def edge_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return sum((torch.diff(a, dim=d) - torch.diff(b, dim=d)).abs().mean() for d in (-1, -2))
 
     model = models.load_model("taesd", runtime="torch")
-    rgb = codec.padded_rgb(photo)
+    rgb = pipeline.padded_rgb(photo)
     latent, step = model.encode_image(rgb), 1.0
     target = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
 
@@ -72,8 +72,8 @@ def test_effort_adds_a_given_distance_to_its_objective(photo: Image.Image) -> No
         decoded = model.decode_image(np.rint(candidate / step) * step)
         return float(edge_distance(torch.from_numpy(decoded).permute(2, 0, 1)[None].float() / 127.5 - 1, target))
 
-    plain = edges_after(refine.refine_latent(model, latent, rgb, step, 1))
-    with_edges = edges_after(refine.refine_latent(model, latent, rgb, step, 1, distance=edge_distance))
+    plain = edges_after(effort.refine_latent(model, latent, rgb, step, 1))
+    with_edges = edges_after(effort.refine_latent(model, latent, rgb, step, 1, distance=edge_distance))
     print(f"\nedge distance after effort 1: {plain:.4f} squared error only, {with_edges:.4f} with the term")
     assert with_edges < plain
 
@@ -103,7 +103,7 @@ def test_draft_preview_comes_from_the_latent(photo: Image.Image, tmp_path: Path)
     with Image.open(target) as preview:
         assert preview.draft("RGB", (24, 16)) is not None
         preview.load()
-        full = codec.decode_file(target)
+        full = pipeline.decode_file(target)
         score = psnr(full.reduce(8), preview)
         print(f"\npreview vs 1/8 of the full decode: {score:.1f} dB")
         assert preview.size == (24, 16) and score > 24
@@ -114,12 +114,12 @@ def test_draft_preview_comes_from_the_latent(photo: Image.Image, tmp_path: Path)
 def test_batches_match_single_images(photo: Image.Image) -> None:
     images = [photo, photo.rotate(180), photo.convert("L")]
     singles = [encoded(image) for image in images]
-    assert codec.encode_images(images) == singles
-    batched = codec.encode_images(images, batch_size=3)
-    decoded = codec.decode_files(batched, batch_size=3)
+    assert pipeline.encode_images(images) == singles
+    batched = pipeline.encode_images(images, batch_size=3)
+    decoded = pipeline.decode_files(batched, batch_size=3)
     for image, data, out in zip(images, singles, decoded, strict=True):
         assert out.mode == image.mode
-        assert psnr(codec.decode_file(data), out) > 40
+        assert psnr(pipeline.decode_file(data), out) > 40
 
 
 def _model_of(data: bytes) -> str:
@@ -134,15 +134,15 @@ def test_high_rates_pick_the_model_that_wins_there(square: Image.Image) -> None:
     assert (_model_of(auto), _model_of(fixed)) == ("taesd3", "taesd")
     target = 0.5 * square.width * square.height / 8
     assert 0.97 * target <= len(auto) <= target
-    gain = psnr(square, codec.decode_file(auto)) - psnr(square, codec.decode_file(fixed))
+    gain = psnr(square, pipeline.decode_file(auto)) - psnr(square, pipeline.decode_file(fixed))
     print(f"\nat 0.5 bpp taesd3 over taesd: {gain:+.2f} dB")
     assert gain > 1.0
-    qualities = (codec.HIGH_RATE_QUALITY - 1, codec.HIGH_RATE_QUALITY, 100)
+    qualities = (rate.HIGH_RATE_QUALITY - 1, rate.HIGH_RATE_QUALITY, 100)
     below, above, best = (encoded(square, quality=q) for q in qualities)
     assert [_model_of(d) for d in (below, above, best)] == ["taesd", "taesd3", "taesd3"]
     assert len(below) < len(above) < len(best)
-    assert psnr(square, codec.decode_file(below)) < psnr(square, codec.decode_file(above)) < psnr(
-        square, codec.decode_file(best))
+    assert psnr(square, pipeline.decode_file(below)) < psnr(square, pipeline.decode_file(above)) < psnr(
+        square, pipeline.decode_file(best))
 
 
 def test_a_named_four_channel_coder_keeps_the_four_channel_model(square: Image.Image) -> None:
@@ -179,11 +179,11 @@ def test_rate_search_never_overshoots_and_stays_short() -> None:
     for _ in range(300):
         file_for, target = _SizeCurve(rng), int(rng.uniform(200, 5e4))
         try:
-            data, step = codec.fit_rate(file_for, target)
+            data, step = rate.fit_rate(file_for, target)
         except ValueError:
-            assert len(file_for(codec.RATE_STEPS[1])) > target
+            assert len(file_for(rate.RATE_STEPS[1])) > target
             continue
-        assert len(data) <= target and (len(data) >= 0.97 * target or step == codec.RATE_STEPS[0])
+        assert len(data) <= target and (len(data) >= 0.97 * target or step == rate.RATE_STEPS[0])
         calls.append(file_for.calls)
         assert len(data) == len(file_for(step))
     print(f"\nrate search: {np.mean(calls):.1f} encodes on average, at most {max(calls)}")
@@ -224,7 +224,7 @@ def test_low_rates_code_a_smaller_image(landscape: Image.Image) -> None:
     assert 0.97 * target <= len(auto) <= target
     with Image.open(io.BytesIO(auto)) as decoded:
         assert decoded.size == landscape.size
-        gain = psnr(landscape, decoded) - psnr(landscape, codec.decode_file(whole))
+        gain = psnr(landscape, decoded) - psnr(landscape, pipeline.decode_file(whole))
     print(f"\nat 0.04 bpp, coded at {info['coded_size']}: {gain:+.2f} dB over the whole image")
     assert gain > 0.5
     assert _sdl_info(encoded(landscape))["version"] == "1.0"  # the default quality keeps the whole image

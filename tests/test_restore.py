@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pillow_sdlatent import quantize, restore
+from pillow_sdlatent.core import quantize
+from pillow_sdlatent.enhance import restore
 from pillow_sdlatent.models import load_model
 from tests.conftest import SHARED, psnr
 
@@ -93,16 +94,17 @@ def test_restorer_is_on_by_default_where_it_helps(photo) -> None:
     """At a coarse step the decode path restores the latent unless told not to."""
     import io
 
-    from pillow_sdlatent import codec
+    from pillow_sdlatent import pipeline
     from tests.conftest import psnr
 
     buffer = io.BytesIO()
     photo.save(buffer, format="SDL", quality=40, scale=1)  # step ~1.1, inside the restorer's helpful range
-    restored = codec.decode_file(buffer.getvalue())
-    plain = codec.decode_file(buffer.getvalue(), restore=False)
+    restored = pipeline.decode_file(buffer.getvalue())
+    plain = pipeline.decode_file(buffer.getvalue(), restore=False)
     gain = psnr(photo, restored) - psnr(photo, plain)
     print(f"\nrestorer at quality 40: {gain:+.2f} dB")
     assert gain > 0.3
     fine = io.BytesIO()
     photo.save(fine, format="SDL", quality=90)  # step below the helpful range: restorer stays off
-    assert codec.decode_file(fine.getvalue()).tobytes() == codec.decode_file(fine.getvalue(), restore=False).tobytes()
+    plain = pipeline.decode_file(fine.getvalue(), restore=False)
+    assert pipeline.decode_file(fine.getvalue()).tobytes() == plain.tobytes()

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from pillow_sdlatent import read_latent
-from pillow_sdlatent.quantize import DEFAULT_QUALITY
+from pillow_sdlatent.core.quantize import DEFAULT_QUALITY
 from tests.conftest import psnr
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pillow_sdlatent import unet_denoise
+from pillow_sdlatent.enhance import unet
 from pillow_sdlatent.models import UnsafeWeightsError, WeightsNotFoundError
 
 #: SD 1.x's scheduler configuration (stable-diffusion-v1-5, scheduler/scheduler_config.json)
@@ -58,51 +58,51 @@ def latent() -> np.ndarray:
 
 
 def test_denoise_shape_finite_deterministic(tiny_sd: Path, latent: np.ndarray) -> None:
-    out = unet_denoise.denoise_latent(latent, 0.5, model=tiny_sd, device="cpu")
+    out = unet.denoise_latent(latent, 0.5, model=tiny_sd, device="cpu")
     assert out.shape == latent.shape and out.dtype == np.float32 and np.isfinite(out).all()
     assert not np.array_equal(out, latent)
-    again = unet_denoise.denoise_latent(latent, 0.5, model=tiny_sd, device="cpu")
+    again = unet.denoise_latent(latent, 0.5, model=tiny_sd, device="cpu")
     np.testing.assert_array_equal(out, again)
-    noisy = [unet_denoise.denoise_latent(latent, 0.5, model=tiny_sd, device="cpu", seed=s, added_noise=0.5)
+    noisy = [unet.denoise_latent(latent, 0.5, model=tiny_sd, device="cpu", seed=s, added_noise=0.5)
              for s in (1, 1, 2)]
     np.testing.assert_array_equal(noisy[0], noisy[1])
     assert not np.array_equal(noisy[0], noisy[2])
 
 
 def test_components_load_once(tiny_sd: Path) -> None:
-    first = unet_denoise.load_components(tiny_sd, "cpu")
-    assert unet_denoise.load_components(str(tiny_sd), "cpu") is first
+    first = unet.load_components(tiny_sd, "cpu")
+    assert unet.load_components(str(tiny_sd), "cpu") is first
     assert first.empty_prompt.shape == (1, 8, 16)
 
 
 def test_found_through_models_env(tiny_sd: Path, latent: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PILLOW_SDLATENT_MODELS", str(tiny_sd.parent))
-    via_env = unet_denoise.denoise_latent(latent, 0.5, model="someone/tiny-sd", device="cpu")
-    np.testing.assert_array_equal(via_env, unet_denoise.denoise_latent(latent, 0.5, model=tiny_sd, device="cpu"))
+    via_env = unet.denoise_latent(latent, 0.5, model="someone/tiny-sd", device="cpu")
+    np.testing.assert_array_equal(via_env, unet.denoise_latent(latent, 0.5, model=tiny_sd, device="cpu"))
 
 
 def test_noise_level_mapping() -> None:
     """Fine steps start near t = 0, coarse ones later; sigma_t tracks step/sqrt(12); clamped."""
-    scheduler = unet_denoise.make_scheduler(SD_SCHEDULER)
-    starts = [unet_denoise.start_timestep(scheduler, s, 66) for s in (0.05, 0.15, 0.5, 1.0, 2.0, 50.0)]
+    scheduler = unet.make_scheduler(SD_SCHEDULER)
+    starts = [unet.start_timestep(scheduler, s, 66) for s in (0.05, 0.15, 0.5, 1.0, 2.0, 50.0)]
     assert starts[0] == starts[1] == 1
     assert starts == sorted(starts) and 1 < starts[2] < starts[3] < starts[4]
-    assert starts[-1] <= unet_denoise.MAX_STRENGTH * 1000
+    assert starts[-1] <= unet.MAX_STRENGTH * 1000
     abar = float(scheduler.alphas_cumprod[starts[3]])
     sigma = ((1 - abar) / abar) ** 0.5
-    assert 0.7 < sigma / unet_denoise.quantization_sigma(1.0) < 1.4
-    assert unet_denoise.start_timestep(scheduler, 1.0, 66, strength=0.04) == 31  # the 2022 setting
-    assert unet_denoise.plms_timesteps(scheduler, 31) == [31, 16, 16, 1]
-    assert unet_denoise.plms_timesteps(scheduler, 1) == [1]
+    assert 0.7 < sigma / unet.quantization_sigma(1.0) < 1.4
+    assert unet.start_timestep(scheduler, 1.0, 66, strength=0.04) == 31  # the 2022 setting
+    assert unet.plms_timesteps(scheduler, 31) == [31, 16, 16, 1]
+    assert unet.plms_timesteps(scheduler, 1) == [1]
 
 
 def test_refuses_pickles_and_names_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UnsafeWeightsError):
-        unet_denoise.denoise_latent(np.zeros((4, 8, 8), np.float32), 0.5, model=tmp_path / "sd.ckpt")
+        unet.denoise_latent(np.zeros((4, 8, 8), np.float32), 0.5, model=tmp_path / "sd.ckpt")
     monkeypatch.setenv("PILLOW_SDLATENT_MODELS", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError, match="PILLOW_SDLATENT_MODELS") as info:
-        unet_denoise.denoise_latent(np.zeros((4, 8, 8), np.float32), 0.5, model="nobody/no-such-sd", device="cpu")
+        unet.denoise_latent(np.zeros((4, 8, 8), np.float32), 0.5, model="nobody/no-such-sd", device="cpu")
     assert "no-such-sd" in str(info.value) and "cache" in str(info.value)
 
 
@@ -110,12 +110,12 @@ def test_decode_option_runs_the_unet_before_the_decoder(tiny_sd: Path, photo) ->
     """`denoise=` on decode goes through the UNet path end to end (random tiny SD parts)."""
     import io
 
-    from pillow_sdlatent import codec
+    from pillow_sdlatent import pipeline
 
     buffer = io.BytesIO()
     photo.save(buffer, format="SDL", quality=30)
-    plain = np.asarray(codec.decode_file(buffer.getvalue(), restore=False))
-    first = np.asarray(codec.decode_file(buffer.getvalue(), denoise=str(tiny_sd), seed=3))
-    again = np.asarray(codec.decode_file(buffer.getvalue(), denoise=str(tiny_sd), seed=3))
+    plain = np.asarray(pipeline.decode_file(buffer.getvalue(), restore=False))
+    first = np.asarray(pipeline.decode_file(buffer.getvalue(), denoise=str(tiny_sd), seed=3))
+    again = np.asarray(pipeline.decode_file(buffer.getvalue(), denoise=str(tiny_sd), seed=3))
     assert first.shape == plain.shape and np.array_equal(first, again)
     assert not np.array_equal(first, plain)

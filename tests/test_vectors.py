@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import pillow_sdlatent
-from pillow_sdlatent import codec, container
+from pillow_sdlatent.core import container, read
 
 VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
 NAMES = sorted(path.stem for path in VECTORS.glob("*.sdl"))
@@ -37,7 +37,7 @@ def test_vector_decodes_to_its_symbols_and_latent(name: str) -> None:
     expected = np.load(VECTORS / f"{name}.npz")
     fp = io.BytesIO(data)
     layout = container.read_layout(fp)
-    symbols = codec.read_symbols(layout, container.read_payload(fp, layout))
+    symbols = read.read_symbols(layout, container.read_payload(fp, layout))
     np.testing.assert_array_equal(symbols, expected["symbols"])
     latent = pillow_sdlatent.read_latent(data)
     assert latent.dtype == np.float32

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pillow_sdlatent.codec import preview_features
-from pillow_sdlatent.models import REGISTRY, load_model
+from pillow_sdlatent.core.registry import REGISTRY
+from pillow_sdlatent.models import load_model
+from pillow_sdlatent.preview import preview_features
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "pillow_sdlatent" / "weights" / "preview_maps.json"

@@ -15,7 +15,7 @@ Stages (``--stages``):
    quantized as the codec does, ``rint(z / step)``.
 3. ``export``: weights rounded to the integer layout ``learned_coder`` runs, plus its lookup tables,
    into the cache folder; ``--install`` writes the package's file instead (then set
-   ``learned_coder.WEIGHTS_SHA256`` to the printed hash: files coded with the old network stop decoding).
+   ``ctx2.WEIGHTS_SHA256`` to the printed hash: files coded with the old network stop decoding).
 4. ``val``: real ctx2 bytes against zstd on the held-out photos at a few steps.
 """
 
@@ -37,8 +37,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pillow_sdlatent import learned_coder as lc  # noqa: E402
-from pillow_sdlatent.entropy import ZstdCoder  # noqa: E402
+from pillow_sdlatent.core.coders import ZstdCoder  # noqa: E402
+from pillow_sdlatent.core.coders import ctx2 as lc  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "train"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pillow_sdlatent" / "ctx2"
@@ -65,8 +65,8 @@ def cache_latents(data: Path, cache: Path) -> Path:
         return out
     from tqdm import tqdm
 
-    from pillow_sdlatent.codec import padded_rgb
     from pillow_sdlatent.models import load_model
+    from pillow_sdlatent.pipeline import padded_rgb
 
     model = load_model("taesd")
     latents = []
@@ -271,7 +271,7 @@ def main() -> None:
         net = FloatNet(args.hidden, args.mixtures)
         net.load_state_dict(torch.load(float_path))
         digest = export(net, args.out)
-        print(f"wrote {args.out} (sha256 {digest}); set learned_coder.WEIGHTS_SHA256 to it")
+        print(f"wrote {args.out} (sha256 {digest}); set ctx2.WEIGHTS_SHA256 to it")
     if "val" in stages:
         lc.WEIGHTS_FILE, lc.WEIGHTS_SHA256 = args.out, hashlib.sha256(args.out.read_bytes()).hexdigest()
         lc._net_cache.clear()

@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))  # metrics.py: ST-LPIPS without torchvision
 
-from pillow_sdlatent import entropy  # noqa: E402
-from pillow_sdlatent.restore import WEIGHTS_DIR, RestorerNet, load_net, save_weights  # noqa: E402
+from pillow_sdlatent.core import coders  # noqa: E402
+from pillow_sdlatent.enhance.restore import RestorerNet, load_net, save_weights  # noqa: E402
+from pillow_sdlatent.weights import WEIGHTS_DIR  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "train"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pillow_sdlatent" / "restorer"
@@ -227,7 +228,7 @@ def val_psnr(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], steps: li
     from pillow_sdlatent.models import load_model
 
     model = load_model("taesd", device="cpu")
-    coder = entropy.get_coder(entropy.DEFAULT_CODER)
+    coder = coders.get_coder(coders.DEFAULT_CODER)
     latents = torch.from_numpy(data["val"]["latents"]).float()
     target = torch.from_numpy(data["val"]["pixels"]).permute(0, 3, 1, 2).double()
     rows = []

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+from ..weights import WEIGHTS_DIR
+
 #: latent space -> weights file; taesd and sd-vae share SD 1.x's latent space
 WEIGHTS = {"sd1": "restorer_taesd.safetensors"}
 #: steps (latent units) where the restorer improves both PSNR and ST-LPIPS. Chosen on the held-out
@@ -102,7 +103,7 @@ _lock = threading.Lock()
 
 
 def _weights_for(model_name: str) -> Path | None:
-    from .models import get_spec
+    from ..core.registry import get_spec
 
     file = WEIGHTS.get(get_spec(model_name).latent_space)
     path = None if file is None else WEIGHTS_DIR / file

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models import (
+from ..models import (
     MODELS_ENV,
     PICKLE_SUFFIXES,
     LoadOnce,

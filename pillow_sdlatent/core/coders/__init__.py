@@ -12,8 +12,8 @@ from typing import Protocol
 import numpy as np
 import zstandard
 
-from .context_coder import ContextCoder
-from .learned_coder import LearnedContextCoder
+from .ctx1 import ContextCoder
+from .ctx2 import LearnedContextCoder
 
 
 class EntropyCoder(Protocol):

@@ -21,10 +21,10 @@ import functools
 import hashlib
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from ...weights import WEIGHTS_DIR
 from .rans import (
     ESCAPE_FREQ,
     MAX_SYMBOL,
@@ -38,7 +38,7 @@ from .rans import (
     zero_padded,
 )
 
-WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / "ctx2_sd1.safetensors"
+WEIGHTS_FILE = WEIGHTS_DIR / "ctx2_sd1.safetensors"
 #: SHA-256 of WEIGHTS_FILE: a file coded with other weights would decode to garbage, so refuse them
 WEIGHTS_SHA256 = "d721061b26e0b1eafa70ff9a6f660748e34aecdf2f185d1db49964c05414022a"
 CHANNELS = 4

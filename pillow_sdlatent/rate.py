@@ -1,0 +1,224 @@
+"""Rate policy: which model, scale and step code an image at the rate or quality asked for.
+
+The tables here were fitted on held-out training photos (never Kodak); each constant says by which
+command. Nothing here changes how a file decodes: the file records every choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .core import coders, quantize
+from .core.registry import DEFAULT_MODEL, get_spec
+from .options import EncodeOptions
+
+#: Model per rate, used when the caller names no ``model``. On held-out training photos (not Kodak;
+#: ``python benchmarks/rd.py --codecs sdl --models taesd,taesd3,taef1 --images ../shared/data/train
+#: --every 40``, docs/model_per_rate) taesd wins on ST-LPIPS up to about 0.29 bpp (PSNR: a tie from 0.28),
+#: where its curve flattens at its own round-trip ceiling; above that the 16-channel taesd3 wins (taef1
+#: never does). So a rate target from ``HIGH_RATE_BPP`` up, or a quality from ``HIGH_RATE_QUALITY`` up,
+#: is coded with ``HIGH_RATE_MODEL``.
+HIGH_RATE_MODEL = "taesd3"
+
+
+HIGH_RATE_BPP = 0.30
+
+
+HIGH_RATE_QUALITY = 89
+
+
+#: taesd3's step at quality 89 and 100 (log-linear between): about 0.35 and 0.95 bpp on those photos,
+#: so that quality 89 already lands where taesd3 is clearly ahead (ST-LPIPS 0.065 against taesd's 0.097)
+HIGH_RATE_STEPS = (0.6, 0.1)
+
+
+#: Scale per rate, for the models it was measured on (RATE_CURVES); see ``scale_for_rate``. At low
+#: rates a smaller image with a finer step beats the whole image with a coarse one. On 10 held-out
+#: training photos (7 Sun-Hays80, 3 Urban100; not Kodak; ``python benchmarks/scale_per_rate.py``,
+#: docs/scale_per_rate; coder ctx2) the scale with the lowest mean ST-LPIPS is 0.5 below 0.032 bpp,
+#: 0.625 to 0.056, 0.75 to 0.084 and 0.875 above. From 0.14 bpp up 0.875 leads 1 by under 4%, and the
+#: Urban100 photos prefer 1, so the whole image is kept there (the default quality lands there too).
+#: (bits per pixel below which, scale), lowest rate first
+BPP_SCALES: tuple[tuple[float, float], ...] = ((0.032, 0.5), (0.056, 0.625), (0.084, 0.75), (0.14, 0.875))
+
+
+#: model -> {scale: ((step, bpp), ...)}: on those photos, the mean rate (bits per pixel of the
+#: full-size image) when coded at that scale with that step; between and beyond these points the
+#: rate is interpolated log-log (``mean_bpp``)
+RATE_CURVES: dict[str, dict[float, tuple[tuple[float, float], ...]]] = {
+    "taesd": {
+        0.5: ((0.030, 0.0969), (0.036, 0.0925), (0.087, 0.0729), (0.186, 0.0558), (0.482, 0.0361),
+              (1.138, 0.0217)),
+        0.625: ((0.030, 0.1483), (0.040, 0.1377), (0.081, 0.1129), (0.154, 0.0906), (0.270, 0.0717),
+                (0.457, 0.0550), (0.932, 0.0358), (1.665, 0.0232)),
+        0.75: ((0.044, 0.1906), (0.131, 0.1357), (0.215, 0.1112), (0.343, 0.0893), (0.520, 0.0709),
+               (0.787, 0.0548), (1.436, 0.0360), (2.222, 0.0211)),
+        0.875: ((0.118, 0.1892), (0.273, 0.1338), (0.400, 0.1098), (0.578, 0.0886), (0.821, 0.0708),
+                (1.189, 0.0547), (1.879, 0.0357), (2.674, 0.0190)),
+        1.0: ((0.229, 0.1867), (0.446, 0.1326), (0.612, 0.1093), (0.842, 0.0888), (1.157, 0.0708),
+              (1.590, 0.0547), (2.186, 0.0356), (3.004, 0.0174)),
+    },
+}
+
+
+#: automatic scaling never makes the shorter side smaller than this
+MIN_CODED_SIDE = 64
+
+
+def coder_for(options: EncodeOptions, model: str) -> str:
+    """The coder named, else ``model``'s default; ``ValueError``/``OSError`` now if it cannot serve."""
+    coder = options.coder or coders.default_coder(model)
+    coders.check_coder(coder, get_spec(model).channels)
+    return coder
+
+
+def model_for_rate(options: EncodeOptions, width: int, height: int) -> str:
+    """The named model; else the one that wins at the requested rate (see ``HIGH_RATE_MODEL``),
+    unless the coder named cannot code that model's latents."""
+    if options.model_fixed or not coders.codes_channels(options.coder, get_spec(HIGH_RATE_MODEL).channels):
+        return options.model
+    bpp = requested_bpp(options, width, height)
+    if bpp is None:
+        return HIGH_RATE_MODEL if (options.quality or quantize.DEFAULT_QUALITY) >= HIGH_RATE_QUALITY else options.model
+    return HIGH_RATE_MODEL if bpp >= HIGH_RATE_BPP else options.model
+
+
+def step_for_quality(quality: int, options: EncodeOptions) -> float:
+    """``quantize.step_for_quality``, except where the high-rate model was picked for a quality from
+    ``HIGH_RATE_QUALITY`` up: it has its own scale there, so quality keeps meaning "higher is better"."""
+    picked = not options.model_fixed and options.model == HIGH_RATE_MODEL
+    if not picked or quality < HIGH_RATE_QUALITY:
+        return quantize.step_for_quality(quality)
+    coarse, fine = HIGH_RATE_STEPS
+    t = (quality - HIGH_RATE_QUALITY) / (100 - HIGH_RATE_QUALITY)
+    return float(coarse * (fine / coarse) ** t)
+
+
+def scale_for_rate(options: EncodeOptions, width: int, height: int) -> float:
+    """``scale`` if given; else, for a model in ``RATE_CURVES``, the scale that wins at the requested rate.
+
+    A quality's rate is the mean rate its step gives at full size (``RATE_CURVES``), so that
+    quality and ``bpp`` pick the same scale for the same rate.
+    """
+    if options.scale is not None:
+        return options.scale
+    if options.model not in RATE_CURVES:
+        return 1.0
+    bpp = requested_bpp(options, width, height)
+    if bpp is None:
+        step = step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
+        bpp = mean_bpp(options.model, 1.0, step)
+    scale = next((scale for below, scale in BPP_SCALES if bpp < below), 1.0)
+    return min(1.0, max(scale, MIN_CODED_SIDE / min(width, height)))
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int] | None:
+    """The size the latent codes at ``scale``; None when that is the image's own size."""
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return None if size == (width, height) else size
+
+
+def _interp_extended(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear through (xs, ys) (at least two points), continued along the end segments."""
+    index = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+    t = (x - xs[index]) / (xs[index + 1] - xs[index])
+    return float(ys[index] + t * (ys[index + 1] - ys[index]))
+
+
+def mean_bpp(model: str, scale: float, step: float) -> float:
+    """The mean rate ``RATE_CURVES`` gives for ``step`` at ``scale`` (taesd's curves for other models).
+
+    Log-log interpolation in step, then linear in scale between the measured scales; below the
+    smallest one the rate shrinks with the area.
+    """
+    curves = RATE_CURVES.get(model, RATE_CURVES[DEFAULT_MODEL])
+
+    def log_rate(at: float) -> float:
+        points = curves[at]
+        return _interp_extended(math.log(step), [math.log(p[0]) for p in points],
+                                [math.log(p[1]) for p in points])
+
+    scales = sorted(curves)
+    if scale < scales[0]:
+        return math.exp(log_rate(scales[0])) * (scale / scales[0]) ** 2
+    return math.exp(_interp_extended(scale, scales, [log_rate(s) for s in scales]))
+
+
+def step_at_scale(step: float, scale: float, model: str = DEFAULT_MODEL) -> float:
+    """The step that gives a ``scale``-sized image the mean rate ``step`` gives the whole image.
+
+    So a quality keeps its rate whatever the scale, and spends it on finer steps instead, down to
+    quality 100's step: a small image cannot spend a high rate.
+    """
+    if scale == 1:
+        return step
+    wanted = math.log(mean_bpp(model, 1.0, step))
+    low, high = math.log(quantize.MIN_STEP), math.log(RATE_STEPS[1])  # the rate falls as the step grows
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if math.log(mean_bpp(model, scale, math.exp(middle))) > wanted else (low, middle)
+    return math.exp((low + high) / 2)
+
+
+def rate_target(options: EncodeOptions, width: int, height: int) -> int | None:
+    """The file size in bytes that ``bpp`` or ``max_bytes`` asks for, if either does."""
+    if options.max_bytes is not None:
+        return options.max_bytes
+    if options.bpp is not None:
+        return max(1, int(options.bpp * width * height / 8))
+    return None
+
+
+def requested_bpp(options: EncodeOptions, width: int, height: int) -> float | None:
+    """The rate ``max_bytes`` or ``bpp`` asks for, in bits per pixel, if either does (as ``rate_target``)."""
+    if options.max_bytes is not None:
+        return options.max_bytes * 8 / (width * height)
+    return options.bpp
+
+
+#: Rate control searches the step in this range (wider than quality's 0.05..2.0).
+RATE_STEPS = (0.01, 16.0)
+
+
+RATE_TOLERANCE = 0.03
+
+
+def fit_rate(file_for: Callable[[float], bytes], target: int) -> tuple[bytes, float]:
+    """The file whose size is within 3% under ``target`` bytes, and its step.
+
+    Size falls off roughly as a power of the step, so the search is regula falsi on log(size)
+    against log(step) (Illinois variant, which keeps both ends of the bracket moving), aiming at
+    the middle of the window.
+    Never returns a file over ``target``; ``ValueError`` when even the coarsest
+    step does not fit (the header and metadata alone may be too big).
+    """
+    fine, coarse = np.log(RATE_STEPS[0]), np.log(RATE_STEPS[1])  # fine step: big file; coarse: small
+    best = file_for(float(np.exp(coarse)))
+    if len(best) > target:
+        raise ValueError(f"cannot fit this image in {target} bytes: the smallest file is {len(best)} bytes")
+    finest = file_for(float(np.exp(fine)))
+    if len(finest) <= target:
+        return finest, float(np.exp(fine))
+    goal = math.log((1 - RATE_TOLERANCE / 2) * target)
+    f_fine, f_coarse = math.log(len(finest)) - goal, math.log(len(best)) - goal
+    kept = 0  # which end the last step kept: +1 fine, -1 coarse
+    for _ in range(40):
+        middle = coarse - f_coarse * (coarse - fine) / (f_coarse - f_fine)
+        if not min(fine, coarse) < middle < max(fine, coarse):
+            middle = (fine + coarse) / 2
+        data = file_for(float(np.exp(middle)))
+        f_middle = math.log(len(data)) - goal
+        if len(data) > target:
+            fine, f_fine = middle, f_middle
+            f_coarse = f_coarse / 2 if kept == -1 else f_coarse
+            kept = -1
+        else:
+            coarse, f_coarse, best = middle, f_middle, data
+            if len(data) >= (1 - RATE_TOLERANCE) * target:
+                break
+            f_fine = f_fine / 2 if kept == 1 else f_fine
+            kept = 1
+    return best, float(np.exp(coarse))
