@@ -78,6 +78,24 @@ def test_effort_adds_a_given_distance_to_its_objective(photo: Image.Image) -> No
     assert with_edges < plain
 
 
+def test_effort_runs_the_restorer_on_the_model_device() -> None:
+    """Effort optimises through the restorer and decoder on the model's device, wherever that is.
+
+    The meta device runs the same graph without data, so this checks on any machine what a GPU run
+    would: no tensor of the pipeline stays behind on the CPU.
+    """
+    import torch
+
+    from pillow_sdlatent.enhance import effort, restore
+
+    model = models.load_model("taesd", device="meta", runtime="torch")
+    step = 1.0
+    assert restore.has_restorer("taesd", step)
+    decoded = effort._pipeline(model, step)(torch.zeros(1, 4, 8, 8, device="meta"))
+    assert decoded.device.type == "meta" and decoded.shape == (1, 3, 64, 64)
+    assert next(restore.restorer_net("taesd").parameters()).device.type == "cpu"  # the shared one stays
+
+
 def test_tiles_blend_without_visible_seams(square: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:
     model = models.load_model("taesd")
     rgb = np.asarray(square.resize((640, 384)))

@@ -69,7 +69,11 @@ def _pipeline(model: object, step: float):
     name = model.spec.name  # type: ignore[attr-defined]
     if not restore.has_restorer(name, step):
         return decode
-    net, level = restore.restorer_net(name), torch.full((1, 1, 1, 1), float(step))
+    device = torch.device(model.device)  # type: ignore[attr-defined]
+    net = restore.restorer_net(name)  # shared, on the CPU: a copy goes to the model's device
+    if next(net.parameters()).device != device:
+        net = copy.deepcopy(net).to(device)
+    level = torch.full((1, 1, 1, 1), float(step), device=device)
     return lambda z: decode(net(z, level))
 
 
