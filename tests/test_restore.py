@@ -104,6 +104,12 @@ def test_restorer_is_on_by_default_where_it_helps(photo) -> None:
     gain = psnr(photo, restored) - psnr(photo, plain)
     print(f"\nrestorer at quality 40: {gain:+.2f} dB")
     assert gain > 0.3
+    coarse = io.BytesIO()
+    photo.save(coarse, format="SDL", quality=16, scale=1)  # step ~2.5: beyond the training range, still helped
+    gain = psnr(photo, pipeline.decode_file(coarse.getvalue())) - psnr(
+        photo, pipeline.decode_file(coarse.getvalue(), restore=False))
+    print(f"restorer at quality 16: {gain:+.2f} dB")
+    assert gain > 0.3
     fine = io.BytesIO()
     photo.save(fine, format="SDL", quality=90)  # step below the helpful range: restorer stays off
     plain = pipeline.decode_file(fine.getvalue(), restore=False)
