@@ -18,6 +18,7 @@ from PIL import Image
 from . import container, entropy, quantize, refine
 from .container import DamagedFileError, Header, Layout
 from .models import DEFAULT_MODEL, REGISTRY, get_spec
+from .options import DecodeOptions
 
 #: given mode -> (working mode fed to the model, mode stored and decoded to)
 MODE_RULES: dict[str, tuple[str, str]] = {
@@ -598,19 +599,21 @@ def decoder_for(layout: Layout, model: str | None = None, *, device: str | None 
     return decoder
 
 
-def decode_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = False, restore: bool = True,
-                  denoise: str | None = None, seed: int = 0, **decoder_options: Any) -> Image.Image:
+def decode_layout(fp: IO[bytes], layout: Layout, options: DecodeOptions, *,
+                  allow_truncated: bool = False) -> Image.Image:
     """Decode an opened file into a Pillow image of the header's mode.
 
     Everything that can refuse the file (payload, alpha plane, weights) is
-    checked before the decoder runs, the one expensive step. ``restore`` and
-    ``denoise`` choose the decoder-side restoration (see ``clean_latent``).
+    checked before the decoder runs, the one expensive step. ``options.restore``
+    and ``options.denoise`` choose the decoder-side restoration (see ``clean_latent``).
     """
     header = layout.header
     latent = latent_from_layout(fp, layout, allow_truncated)
     alpha = alpha_plane(layout) if header.mode in container.ALPHA_MODES else None
-    decoder = decoder_for(layout, **decoder_options)
-    latent = clean_latent(latent, layout, decoder, restore=restore, denoise=denoise, seed=seed)
+    decoder = decoder_for(layout, options.model, device=options.device, weights=options.weights,
+                          allow_digest_mismatch=options.allow_digest_mismatch)
+    latent = clean_latent(latent, layout, decoder, restore=options.restore, denoise=options.denoise,
+                          seed=options.seed)
     return finish_mode(full_size(decoder.decode_image(latent), header), layout, alpha)
 
 
@@ -713,12 +716,16 @@ def alpha_plane(layout: Layout) -> bytes:
         raise DamagedFileError(f"damaged alpha plane: {exc}") from None
 
 
-def decode_file(source: str | os.PathLike | IO[bytes] | bytes, **decoder_options: Any) -> Image.Image:
-    """Decode a whole file (path, file object or bytes) to a loaded Pillow image."""
+def decode_file(source: str | os.PathLike | IO[bytes] | bytes, **options: Any) -> Image.Image:
+    """Decode a whole file (path, file object or bytes) to a loaded Pillow image.
+
+    ``options`` are ``DecodeOptions``' fields; ``ValueError`` for an unknown or bad one, before the file is read.
+    """
+    decode_options = DecodeOptions.from_mapping(options)
     with _open_binary(source) as fp:
         layout = container.read_layout(fp)
         container.check_pixel_limit(layout.header.width, layout.header.height)
-        image = decode_layout(fp, layout, **decoder_options)
+        image = decode_layout(fp, layout, decode_options)
     image.info.update(layout.metadata)
     return image
 
