@@ -342,9 +342,13 @@ def _open_and_load(path: Path) -> Image.Image:
         return image
 
 
+@pytest.mark.slow
 def test_spawned_processes_decode(files: dict[str, Path], decoded: dict[str, Image.Image]) -> None:
-    """A 'spawn' pool (the default on macOS and Windows) registers the plugin through its initializer."""
-    names = ["small", "grey"]
+    """A 'spawn' pool (the default on macOS and Windows) registers the plugin through its initializer.
+
+    Slow: each fresh process imports torch and loads the decoder.
+    """
+    names = ["small", "thin"]
     with multiprocessing.get_context("spawn").Pool(2, initializer=pillow_sdlatent.register) as pool:
         images = pool.map(_open_and_load, [files[name] for name in names])
     for name, image in zip(names, images, strict=True):
