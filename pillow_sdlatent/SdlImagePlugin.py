@@ -170,13 +170,17 @@ class _SdlDecoder(ImageFile.PyDecoder):
         from . import codec
 
         image_file: SdlImageFile = self.args[0]
-        assert self.fd is not None
+        fp, layout = self.fd, image_file.layout
+        if fp is None:  # ImageFile.Parser pushes the file from its first byte: decode once all of it is there
+            fp = io.BytesIO(bytes(buffer))
+            layout = container.read_layout(fp)
+            if not layout.complete:
+                return 0, 0
         truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
         if image_file.preview:
-            decoded = codec.preview_layout(self.fd, image_file.layout, allow_truncated=truncated_ok)
+            decoded = codec.preview_layout(fp, layout, allow_truncated=truncated_ok)
         else:
-            decoded = codec.decode_layout(self.fd, image_file.layout, image_file.decode_options,
-                                          allow_truncated=truncated_ok)
+            decoded = codec.decode_layout(fp, layout, image_file.decode_options, allow_truncated=truncated_ok)
         self.set_as_raw(decoded.tobytes(), decoded.mode)
         return -1, 0
 

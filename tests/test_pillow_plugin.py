@@ -211,6 +211,19 @@ def test_thumbnail_without_reducing_gap_is_an_exact_resize(files: dict[str, Path
         assert image.size == (8, 6) and image.tobytes() == expected.tobytes()
 
 
+def test_incremental_parser(files: dict[str, Path], decoded: dict[str, Image.Image]) -> None:
+    """``ImageFile.Parser`` (fed a file piece by piece, as a web upload is) decodes once the file is complete."""
+    data = files["small"].read_bytes()
+    parser = ImageFile.Parser()
+    for start in range(0, len(data), 100):
+        parser.feed(data[start : start + 100])
+    assert parser.close().tobytes() == decoded["small"].tobytes()
+    truncated = ImageFile.Parser()
+    truncated.feed(data[:-60])
+    with pytest.raises(OSError, match="incomplete"):
+        truncated.close()
+
+
 def test_frames(files: dict[str, Path]) -> None:
     with Image.open(files["small"]) as image:
         assert (image.n_frames, image.is_animated, image.tell()) == (1, False, 0)
