@@ -1,22 +1,25 @@
-"""The Pillow face of the codec: ``_accept``, the ``ImageFile`` subclass, the save handler.
+"""The Pillow face of the codec: ``_accept``, the ``ImageFile`` subclass, the save handlers.
 
 Opening parses the header only (no torch, no numpy work); ``load()`` runs the
-decoder. All real work lives in :mod:`pillow_sdlatent.pipeline`
-(and :mod:`pillow_sdlatent.preview` for ``draft``).
+decoder. All real work lives in :mod:`pillow_sdlatent.pipeline` (and
+:mod:`pillow_sdlatent.preview` for ``draft``). Registering the format changes
+nothing else in Pillow.
 """
 
 from __future__ import annotations
 
-import functools
 import io
+import math
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from PIL import Image, ImageFile
 
 from ._atomic import atomic_write
 from .core import container
+from .options import DecodeOptions
 
 FORMAT = "SDL"
 MIME = "image/x-sdl"
@@ -27,17 +30,36 @@ def _accept(prefix: bytes) -> bool:
     return container.check_signature(prefix)
 
 
-class SdlImageFile(ImageFile.ImageFile):
-    """An ``.sdl`` image. Set ``decode_options`` before ``load()`` to choose the decoder.
+def thumbnail_size(size: tuple[int, int], bound: tuple[float, float]) -> tuple[int, int] | None:
+    """The size ``Image.thumbnail`` makes an image of ``size`` to fit ``bound``; None when it keeps its size.
 
-    ``decode_options`` takes ``model`` (a compatible model, e.g. ``sd-vae`` for a
-    ``taesd`` file), ``device``, ``weights``, ``allow_digest_mismatch``, ``restore``
-    (default True: the package's restorer where it helps) and ``denoise`` (a Stable
-    Diffusion 1.x model whose UNet denoises the latent first, with ``seed``).
+    Pillow's own rule, which it does not expose: a thumbnail from the smaller
+    latent preview must still get the size Pillow gives the whole image.
+    """
+    bound_width, bound_height = (math.floor(side) for side in bound)
+    width, height = size
+    if bound_width >= width and bound_height >= height:
+        return None
+
+    def round_aspect(number: float, key: Callable[[int], float]) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=key), 1)
+
+    aspect = width / height
+    if bound_width / bound_height >= aspect:
+        return round_aspect(bound_height * aspect, key=lambda n: abs(aspect - n / bound_height)), bound_height
+    return bound_width, round_aspect(bound_width / aspect,
+                                     key=lambda n: 0 if n == 0 else abs(aspect - bound_width / n))
+
+
+class SdlImageFile(ImageFile.ImageFile):
+    """An ``.sdl`` image. Set ``decode_options`` (a dict or ``DecodeOptions``) before ``load()`` to choose the decoder.
+
+    The options are checked when set: ``ValueError`` names an unknown or bad one.
     """
 
     format = FORMAT
     format_description = "Stable Diffusion latent"
+    _decode_options = DecodeOptions()
 
     def _open(self) -> None:
         self.layout = container.read_layout(self.fp)
@@ -54,9 +76,24 @@ class SdlImageFile(ImageFile.ImageFile):
             "quantizer": header.quantizer,
             "coder": header.coder,
         }
-        self.decode_options: dict[str, Any] = {}
         self.preview = False
         self.tile = [ImageFile._Tile(FORMAT, (0, 0, *self._size), 0, (self,))]
+
+    @property
+    def decode_options(self) -> DecodeOptions:
+        return self._decode_options
+
+    @decode_options.setter
+    def decode_options(self, options: DecodeOptions | Mapping[str, Any]) -> None:
+        self._decode_options = DecodeOptions.coerce(options)
+
+    def __getstate__(self) -> list[Any]:
+        """Pillow's state (which loads the pixels), then the header and options, so a copy behaves as this image."""
+        return [*super().__getstate__(), self.layout, self.preview, self.decode_options]
+
+    def __setstate__(self, state: list[Any]) -> None:
+        super().__setstate__(state)
+        self.layout, self.preview, self.decode_options = state[-3:]
 
     def load_prepare(self) -> None:
         """Pillow's pixel limit once more before the image memory is allocated.
@@ -67,11 +104,12 @@ class SdlImageFile(ImageFile.ImageFile):
         container.check_pixel_limit(*self.size, warn=False)
         super().load_prepare()
 
-    def draft(self, mode: str | None, size: tuple[int, int] | None) -> tuple[str, tuple[int, int, int, int]] | None:
+    def draft(self, mode: str | None, size: tuple[int, int] | None) -> tuple[str, tuple[int, int, float, float]] | None:
         """At 1/8 scale or smaller, decode a preview straight from the latent, without the decoder.
 
         As JPEG's draft: the image becomes the smallest size Pillow can make
-        cheaply that is still at least ``size``; ``thumbnail()`` calls this.
+        cheaply that is still at least ``size``, and the box returned is the
+        original's area within it, ready for ``resize(size, box=box)``.
         """
         if not self.tile or size is None or self.preview:
             return None
@@ -82,19 +120,31 @@ class SdlImageFile(ImageFile.ImageFile):
         self.preview = True
         self._size = small
         self.tile = [ImageFile._Tile(FORMAT, (0, 0, *small), 0, (self,))]
-        return self.mode, (0, 0, header.width, header.height)
+        scale = container.LATENT_FACTOR
+        return self.mode, (0, 0, header.width / scale, header.height / scale)
 
     def thumbnail(self, size: tuple[float, float], resample: Image.Resampling = Image.Resampling.BICUBIC,
                   reducing_gap: float | None = 2.0) -> None:
         """A thumbnail at 1/8 scale or smaller starts from the latent preview, without the decoder.
 
-        (Pillow's own ``thumbnail`` asks ``draft`` for ``reducing_gap`` times the
-        size, which would rule out the 1/8 preview for thumbnails between 1/16 and 1/8.)
+        Pillow's own ``thumbnail`` asks ``draft`` for ``reducing_gap`` times the
+        size, which would rule out the preview for thumbnails between 1/16 and
+        1/8. The size is Pillow's; ``reducing_gap=None`` means an exact resize of
+        the full decode, as in Pillow.
         """
-        header = self.layout.header
-        if self.tile and min(size[0] / header.width, size[1] / header.height) <= 1 / container.LATENT_FACTOR:
-            self.draft(None, container.latent_size(header.width, header.height))
-        super().thumbnail(size, resample, reducing_gap)
+        final = thumbnail_size(self.size, size)
+        small = container.latent_size(*self.size)
+        if (reducing_gap is None or final is None or not self.tile or self.preview
+                or final[0] > small[0] or final[1] > small[1]):
+            super().thumbnail(size, resample, reducing_gap)
+            return
+        drafted = self.draft(None, small)
+        assert drafted is not None, "a fresh image at 1/8 scale always drafts"
+        thumbnail = self.resize(final, resample, box=drafted[1], reducing_gap=reducing_gap)
+        self.im = thumbnail.im
+        self._size = final
+        self._mode = thumbnail.mode
+        self.readonly = 0
 
     @property
     def n_frames(self) -> int:
@@ -121,14 +171,17 @@ class _SdlDecoder(ImageFile.PyDecoder):
         from . import pipeline, preview
 
         image_file: SdlImageFile = self.args[0]
-        assert self.fd is not None
+        fp, layout = self.fd, image_file.layout
+        if fp is None:  # ImageFile.Parser pushes the file from its first byte: decode once all of it is there
+            fp = io.BytesIO(bytes(buffer))
+            layout = container.read_layout(fp)
+            if not layout.complete:
+                return 0, 0
         truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
         if image_file.preview:
-            decoded = preview.preview_layout(self.fd, image_file.layout, allow_truncated=truncated_ok)
+            decoded = preview.preview_layout(fp, layout, allow_truncated=truncated_ok)
         else:
-            decoded = pipeline.decode_layout(
-                self.fd, image_file.layout, allow_truncated=truncated_ok, **image_file.decode_options
-            )
+            decoded = pipeline.decode_layout(fp, layout, image_file.decode_options, allow_truncated=truncated_ok)
         self.set_as_raw(decoded.tobytes(), decoded.mode)
         return -1, 0
 
@@ -139,42 +192,38 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
     fp.write(pipeline.encode_image(im, im.encoderinfo))
 
 
-def _is_sdl_target(fp: str | bytes | os.PathLike[Any], format: str | None) -> bool:
-    if format:
-        return format.upper() == FORMAT
-    return Image.EXTENSION.get(os.path.splitext(os.fsdecode(fp))[1].lower()) == FORMAT
+def _save_all(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
+    """``save_all=True``: an SDL file holds one frame, so the first is written (with a warning if there are more)."""
+    frames = getattr(im, "n_frames", 1) + len(im.encoderinfo.get("append_images", ()))
+    if frames > 1:
+        warnings.warn(f"an SDL file holds one frame: writing the first of {frames}", UserWarning, stacklevel=3)
+    current = im.tell()
+    im.seek(0)
+    try:
+        _save(im, fp, filename)
+    finally:
+        im.seek(current)
 
 
-def _atomic_sdl_save(save: Callable[..., None]) -> Callable[..., None]:
-    """``Image.Image.save``, except that an SDL file named by a path is encoded in memory, then renamed into place.
+def save(image: Image.Image, path: str | os.PathLike[str], **options: Any) -> None:
+    """Write ``image`` to ``path`` as an SDL file atomically: a failed save leaves no partial file and
+    an existing one as it was.
 
-    Pillow opens (and truncates) a target path before it calls the save handler,
-    so a failed encode would leave an existing file empty. Every other save,
-    and an SDL save to a file object, goes to Pillow unchanged.
+    The file is encoded in memory, written beside ``path`` and renamed into place.
+    ``image.save(path)`` goes through Pillow, which opens (and so empties) an
+    existing file before the encoder runs, as for any format: a failed encode
+    there leaves that file truncated.
     """
-
-    @functools.wraps(save)
-    def save_atomically(self: Image.Image, fp: Any, format: str | None = None, **params: Any) -> None:
-        if isinstance(fp, (str, bytes, os.PathLike)) and _is_sdl_target(fp, format):
-            buffer = io.BytesIO()
-            save(self, buffer, FORMAT, **params)
-            atomic_write(os.fsdecode(fp), buffer.getvalue())
-        else:
-            save(self, fp, format, **params)
-
-    save_atomically.sdl_atomic = True  # type: ignore[attr-defined]
-    return save_atomically
+    buffer = io.BytesIO()
+    image.save(buffer, format=FORMAT, **options)
+    atomic_write(path, buffer.getvalue())
 
 
 def register() -> None:
-    """Register the SDL format with Pillow (idempotent); importing the package does it too.
-
-    Also makes ``Image.save`` to an ``.sdl`` path atomic (see ``_atomic_sdl_save``).
-    """
-    if not getattr(Image.Image.save, "sdl_atomic", False):
-        Image.Image.save = _atomic_sdl_save(Image.Image.save)  # type: ignore[method-assign]
+    """Register the SDL format with Pillow (idempotent); importing the package does it too."""
     Image.register_open(FORMAT, SdlImageFile, _accept)
     Image.register_save(FORMAT, _save)
+    Image.register_save_all(FORMAT, _save_all)
     Image.register_extension(FORMAT, EXTENSION)
     Image.register_mime(FORMAT, MIME)
     Image.register_decoder(FORMAT, _SdlDecoder)

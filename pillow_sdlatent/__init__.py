@@ -1,15 +1,16 @@
 """Pillow plugin for ``.sdl``: photos stored as quantized Stable Diffusion latents.
 
-``import pillow_sdlatent`` registers the format; ``register()`` does it explicitly.
+``import pillow_sdlatent`` registers the format (and changes nothing else in Pillow);
+``register()`` does it explicitly. ``save(image, path)`` writes a file atomically.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .SdlImagePlugin import register
+from .SdlImagePlugin import register, save
 
-__all__ = ["decode_file", "decode_files", "encode_image", "encode_images", "read_latent", "register"]
+__all__ = ["decode_file", "decode_files", "encode_image", "encode_images", "read_latent", "register", "save"]
 __version__ = "0.1.0"
 
 register()

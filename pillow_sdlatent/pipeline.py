@@ -23,7 +23,7 @@ from .core.modes import alpha_chunk, alpha_plane, finish_mode, working_image
 from .core.read import file_quantizer, latent_from_layout, open_binary
 from .core.registry import REGISTRY, get_spec
 from .enhance import effort
-from .options import EncodeOptions, metadata_from
+from .options import DecodeOptions, EncodeOptions, metadata_from
 
 
 class DigestMismatchError(OSError):
@@ -144,9 +144,12 @@ def encode_images(images: Sequence[Image.Image], info: dict[str, Any] | None = N
 
 
 def decode_files(sources: Sequence[str | os.PathLike | IO[bytes] | bytes], *, batch_size: int | None = None,
-                 progress: bool = False, restore: bool = True, denoise: str | None = None, seed: int = 0,
-                 **decoder_options: Any) -> list[Image.Image]:
-    """Decode many files with each model loaded once and same-shaped latents decoded together."""
+                 progress: bool = False, **options: Any) -> list[Image.Image]:
+    """Decode many files with each model loaded once and same-shaped latents decoded together.
+
+    ``options`` are ``DecodeOptions``' fields, checked before the first file is read.
+    """
+    decode_options = DecodeOptions.from_mapping(options)
     prepared = []
     for source in sources:
         with open_binary(source) as fp:
@@ -154,8 +157,8 @@ def decode_files(sources: Sequence[str | os.PathLike | IO[bytes] | bytes], *, ba
             container.check_pixel_limit(layout.header.width, layout.header.height)
             latent = latent_from_layout(fp, layout)
             alpha = alpha_plane(layout) if layout.header.mode in container.ALPHA_MODES else None
-        decoder = decoder_for(layout, **decoder_options)
-        latent = clean_latent(latent, layout, decoder, restore=restore, denoise=denoise, seed=seed)
+        decoder = decoder_for(layout, decode_options)
+        latent = clean_latent(latent, layout, decoder, decode_options)
         prepared.append((layout, latent, alpha, decoder))
     groups: dict[tuple, list[int]] = {}
     for index, (_, latent, _, decoder) in enumerate(prepared):
@@ -201,10 +204,9 @@ def full_size(rgb: np.ndarray, header: Header) -> Image.Image:
     return image.resize((header.width, header.height), container.RESAMPLING[header.resampling])
 
 
-def decoder_for(layout: Layout, model: str | None = None, *, device: str | None = None,
-                weights: str | None = None, allow_digest_mismatch: bool = False) -> Any:
-    """Load the decoder a file needs (or the compatible one asked for) and check its digest."""
-    header = layout.header
+def decoder_for(layout: Layout, options: DecodeOptions) -> Any:
+    """Load the decoder a file needs (or the compatible one ``options.model`` asks for) and check its digest."""
+    header, model = layout.header, options.model
     if header.model not in REGISTRY and model is None:
         raise DamagedFileError(
             f"SDL file was written with model {header.model!r}, which this build does not know "
@@ -219,52 +221,51 @@ def decoder_for(layout: Layout, model: str | None = None, *, device: str | None 
         )
     from .models import load_model
 
-    decoder = load_model(name, weights=weights, device=device)
+    decoder = load_model(name, weights=options.weights, device=options.device)
     if name == header.model and decoder.decoder_digest != header.decoder_digest:
         message = (
             f"the {name!r} decoder weights found ({decoder.decoder_digest.hex()[:12]}) are not the "
             f"ones this file was written with ({header.decoder_digest.hex()[:12]}); the image may "
             "look wrong. Pass allow_digest_mismatch=True to decode anyway."
         )
-        if not allow_digest_mismatch:
+        if not options.allow_digest_mismatch:
             raise DigestMismatchError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
     return decoder
 
 
-def decode_layout(fp: IO[bytes], layout: Layout, *, allow_truncated: bool = False, restore: bool = True,
-                  denoise: str | None = None, seed: int = 0, **decoder_options: Any) -> Image.Image:
+def decode_layout(fp: IO[bytes], layout: Layout, options: DecodeOptions, *,
+                  allow_truncated: bool = False) -> Image.Image:
     """Decode an opened file into a Pillow image of the header's mode.
 
     Everything that can refuse the file (payload, alpha plane, weights) is
-    checked before the decoder runs, the one expensive step. ``restore`` and
-    ``denoise`` choose the decoder-side restoration (see ``clean_latent``).
+    checked before the decoder runs, the one expensive step. ``options.restore``
+    and ``options.denoise`` choose the decoder-side restoration (see ``clean_latent``).
     """
     header = layout.header
     latent = latent_from_layout(fp, layout, allow_truncated)
     alpha = alpha_plane(layout) if header.mode in container.ALPHA_MODES else None
-    decoder = decoder_for(layout, **decoder_options)
-    latent = clean_latent(latent, layout, decoder, restore=restore, denoise=denoise, seed=seed)
+    decoder = decoder_for(layout, options)
+    latent = clean_latent(latent, layout, decoder, options)
     return finish_mode(full_size(decoder.decode_image(latent), header), layout, alpha)
 
 
-def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, *, restore: bool = True,
-                 denoise: str | None = None, seed: int = 0) -> np.ndarray:
+def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, options: DecodeOptions) -> np.ndarray:
     """Remove quantization noise before the decoder.
 
-    ``denoise``: a Stable Diffusion 1.x model (hub id, folder or file) whose UNet
+    ``options.denoise``: a Stable Diffusion 1.x model (hub id, folder or file) whose UNet
     denoises for a few steps, the original method (opt-in: it needs SD's weights).
-    Otherwise, with ``restore`` (the default), the package's own restorer runs
+    Otherwise, with ``options.restore`` (the default), the package's own restorer runs
     where it was measured to help at the file's step.
     """
     step = max(file_quantizer(layout.header).steps)
-    if denoise:
+    if options.denoise:
         if decoder.spec.latent_space != "sd1":
             raise ValueError(f"UNet denoising needs an SD 1.x latent, not a {decoder.spec.name!r} one")
         from .enhance.unet import denoise_latent
 
-        return denoise_latent(latent, step, model=denoise, device=decoder.device, seed=seed)
-    if restore:
+        return denoise_latent(latent, step, model=options.denoise, device=decoder.device, seed=options.seed)
+    if options.restore:
         from .enhance import restore as restorer
 
         if restorer.has_restorer(decoder.spec.name, step):
@@ -272,11 +273,15 @@ def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, *, restore: b
     return latent
 
 
-def decode_file(source: str | os.PathLike | IO[bytes] | bytes, **decoder_options: Any) -> Image.Image:
-    """Decode a whole file (path, file object or bytes) to a loaded Pillow image."""
+def decode_file(source: str | os.PathLike | IO[bytes] | bytes, **options: Any) -> Image.Image:
+    """Decode a whole file (path, file object or bytes) to a loaded Pillow image.
+
+    ``options`` are ``DecodeOptions``' fields; ``ValueError`` for an unknown or bad one, before the file is read.
+    """
+    decode_options = DecodeOptions.from_mapping(options)
     with open_binary(source) as fp:
         layout = container.read_layout(fp)
         container.check_pixel_limit(layout.header.width, layout.header.height)
-        image = decode_layout(fp, layout, **decoder_options)
+        image = decode_layout(fp, layout, decode_options)
     image.info.update(layout.metadata)
     return image

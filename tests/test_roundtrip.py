@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -141,18 +140,6 @@ def test_read_latent_matches_the_stored_symbols(photo: Image.Image, tmp_path: Pa
     step = latent[latent != 0].__abs__().min()
     assert np.allclose(latent / step, np.rint(latent / step), atol=1e-3)
     assert np.array_equal(read_latent(target.read_bytes()), latent)
-
-
-def test_pillow_integration(photo: Image.Image, tmp_path: Path) -> None:
-    target = tmp_path / "x.sdl"
-    photo.save(target, quality=60, not_an_option=1)
-    assert Image.registered_extensions()[".sdl"] == "SDL"
-    assert Image.MIME["SDL"] == "image/x-sdl"
-    with Image.open(target) as image:
-        assert image.format == "SDL" and image.get_format_mimetype() == "image/x-sdl"
-        assert image.n_frames == 1 and image.is_animated is False
-        image.verify()
-    assert os.path.getsize(target) > 100
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
-"""Nothing lost on failure: a failed save leaves no partial ``.sdl`` and never breaks an existing file.
+"""Nothing lost on failure where the package owns the write: ``pillow_sdlatent.save`` and the CLI leave no
+partial ``.sdl`` and never break an existing file.
 
-Pillow opens (truncating) a target path before the save handler runs, so the
-plugin wraps ``Image.Image.save``: an SDL target given as a path is encoded in
-memory and then renamed into place (``pillow_sdlatent._atomic``); every other
-save goes to Pillow untouched.
+They encode in memory, then rename into place (``pillow_sdlatent._atomic``).
+A plain ``Image.save`` to a path is Pillow's: Pillow opens (truncating) the
+target before the save handler runs, as for every format.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pillow_sdlatent import SdlImagePlugin
+from pillow_sdlatent import save
 from pillow_sdlatent.cli import main
 from pillow_sdlatent.models import WeightsNotFoundError
 
@@ -34,22 +34,22 @@ def _no_space(*args: object) -> None:
 
 
 def _bad_option(image: Image.Image, target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    image.save(target, quality=1000)
+    save(image, target, quality=1000)
 
 
 def _unsupported_mode(image: Image.Image, target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    Image.new("I;16", (16, 16), 1000).save(target)
+    save(Image.new("I;16", (16, 16), 1000), target)
 
 
 def _missing_weights(image: Image.Image, target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PILLOW_SDLATENT_MODELS", str(target.parent / "no-models-here"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    image.save(target, model="taesdxl", weights=str(target.parent / "nor-here"))
+    save(image, target, model="taesdxl", weights=str(target.parent / "nor-here"))
 
 
 def _disk_full(image: Image.Image, target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "fsync", _no_space)
-    image.save(target)
+    save(image, target)
 
 
 FAILURES: list[tuple[Callable[..., None], type[Exception]]] = [
@@ -104,7 +104,7 @@ def test_successful_save_replaces_in_place(small: Image.Image, tmp_path: Path) -
     target.chmod(0o640)
     link = tmp_path / "link.sdl"
     link.symlink_to(target)
-    small.save(link)
+    save(small, link)
     assert link.is_symlink() and (target.stat().st_mode & 0o777) == 0o640
     with Image.open(target) as image:
         assert image.format == "SDL" and image.size == small.size
@@ -114,23 +114,15 @@ def test_successful_save_replaces_in_place(small: Image.Image, tmp_path: Path) -
 def test_new_file_gets_the_umask_permissions(small: Image.Image, tmp_path: Path) -> None:
     umask = os.umask(0o022)
     os.umask(umask)
-    small.save(tmp_path / "new.sdl")
+    save(small, tmp_path / "new.sdl")
     assert (tmp_path / "new.sdl").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_other_saves_are_pillows_own(small: Image.Image, tmp_path: Path) -> None:
-    pillow_save = Image.Image.save.__wrapped__
-    assert not getattr(pillow_save, "sdl_atomic", False)
-    SdlImagePlugin.register()
-    assert Image.Image.save.__wrapped__ is pillow_save  # registering twice does not wrap twice
-    assert Image.Image.save.__doc__ == pillow_save.__doc__
-    small.save(tmp_path / "a.png")
-    pillow_save(small, tmp_path / "b.png")
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    small.save(tmp_path / "c.sdl", format="PNG")  # the format argument wins over the extension, as in Pillow
-    assert (tmp_path / "c.sdl").read_bytes() == (tmp_path / "a.png").read_bytes()
-    with pytest.raises(ValueError, match="unknown file extension"):
-        small.save(tmp_path / "d.unknown-extension")
+def test_save_writes_what_pillow_writes(small: Image.Image, tmp_path: Path) -> None:
+    """The atomic save and Pillow's own give the same file, options included."""
+    save(small, tmp_path / "atomic.sdl", quality=40, coder="zstd")
+    small.save(tmp_path / "pillow.sdl", quality=40, coder="zstd")
+    assert (tmp_path / "atomic.sdl").read_bytes() == (tmp_path / "pillow.sdl").read_bytes()
 
 
 def test_cli_writes_atomically(small: Image.Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
