@@ -71,7 +71,8 @@ def source_suffixes(to: Target) -> frozenset[str]:
     return frozenset(readable - {".sdl"} if to == "sdl" else readable)
 
 
-def plan(inputs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str], to: Target) -> list[tuple[str, str]]:
+def plan(inputs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
+         to: Target) -> list[tuple[str, str]]:
     """(source, output) pairs: a folder is searched recursively and mirrored below ``out_dir``.
 
     Loose files, given directly or listed in a manifest (``.txt``/``.lst``), are mirrored below
@@ -297,8 +298,10 @@ def _run_here(jobs: list[tuple[str, str]], to: Target, options: dict[str, Any] |
 def _run_on_ray(jobs: list[tuple[str, str]], to: Target, options: dict[str, Any] | None, workers: int | None,
                 batch_size: int | None, address: str | None) -> Iterator[Batch]:
     """Stream result batches from a pool of ``Converter`` actors, one GPU each where the cluster has GPUs."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("engine='ray' needs Ray: pip install 'pillow_sdlatent[ray]', or use engine='local'") from None
     if not ray.is_initialized():
         ray.init(address=address)
     resources = ray.cluster_resources()
@@ -310,7 +313,8 @@ def _run_on_ray(jobs: list[tuple[str, str]], to: Target, options: dict[str, Any]
     dataset = ray.data.from_items([{"source": s, "target": t} for s, t in jobs],
                                   override_num_blocks=min(len(jobs), max(actors * 4, len(jobs) // per_call)))
     results = dataset.map_batches(Converter, fn_constructor_kwargs={"to": to, "options": options},
-                                  batch_size=per_call, batch_format="numpy", concurrency=actors, num_cpus=1,
+                                  batch_size=per_call, batch_format="numpy",
+                                  compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
                                   num_gpus=1 if gpus else 0, runtime_env={"env_vars": env})
     yield from results.iter_batches(batch_size=None, batch_format="numpy")
 
