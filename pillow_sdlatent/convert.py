@@ -339,7 +339,7 @@ class ReportWriter:
                                 ("seconds", pa.float64())])
             self._writer = pq.ParquetWriter(self.path, schema)
         else:
-            self._file = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
+            self._file = open(self.path, "w", newline="", encoding="utf-8")
             self._writer = csv.writer(self._file)
             self._writer.writerow(REPORT_COLUMNS)
         return self
