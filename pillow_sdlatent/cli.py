@@ -91,6 +91,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         options = save_options(args)
     summary = convert(args.inputs, args.out, to="latent" if args.to == "npy" else args.to, engine=args.engine,
                       workers=args.workers, batch_size=args.batch, address=args.address, report=args.report,
+                      gpus_per_worker=args.gpus_per_worker,
                       options={key: value for key, value in options.items() if value is not None})
     print(f"sdl convert: {summary.done} converted, {summary.skipped} already done, {summary.failed} failed "
           f"in {summary.seconds:.1f} s; report: {summary.report}", file=sys.stderr)
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="ray: a pool of workers on a Ray cluster; local: this process (default: %(default)s)")
     convert.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU)")
     convert.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local cluster)")
+    convert.add_argument("--gpus-per-worker", type=float, default=1.0,
+                         help="share of a GPU per Ray worker on a cluster with GPUs (default: %(default)s)")
     convert.add_argument("--report", type=Path, help="report of every input, .csv or .parquet "
                                                      "(default: OUT/convert-report.csv)")
     convert.add_argument("--batch", type=int, help="files per worker call, at most (default: 16)")

@@ -232,14 +232,16 @@ def _npy_bytes(latent: np.ndarray) -> bytes:
 def convert(inputs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *, to: Target = "sdl",
             engine: Engine = "ray", workers: int | None = None, batch_size: int | None = None,
             options: dict[str, Any] | None = None, report: str | os.PathLike[str] | None = None,
-            address: str | None = None, progress: bool = True) -> Summary:
+            address: str | None = None, gpus_per_worker: float = 1.0, progress: bool = True) -> Summary:
     """Convert every input to ``to`` below ``out_dir`` and write a report row per input.
 
     ``inputs``: folders (searched recursively, mirrored), files and manifests (see ``plan``).
     ``to``: ``sdl`` (encode images), ``png`` (decode ``.sdl`` files) or ``latent`` (a ``.npy`` with
     ``read_latent``'s (C, H, W) float32 array, from ``.sdl`` files or by encoding images).
-    ``engine``: ``ray`` (``workers`` actors, default one per GPU, else one per CPU, of the cluster at
-    ``address``, a new local one if none is running) or ``local`` (this process).
+    ``engine``: ``ray`` (``workers`` actors on the cluster at ``address``, a new local one if none is
+    running) or ``local`` (this process). On a cluster with GPUs each actor takes ``gpus_per_worker``
+    of one (0.25: four actors share a GPU, which keeps it busy while each entropy-codes on its CPU)
+    and ``workers`` defaults to as many as the GPUs hold; without GPUs, to one per CPU.
     ``report``: a ``.csv`` path, or ``.parquet`` (needs pyarrow); default ``out_dir/convert-report.csv``.
     """
     if engine not in ("ray", "local"):
@@ -257,7 +259,8 @@ def convert(inputs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike
             writer.write(clashes)
             summary.add(clashes)
         if jobs:
-            batches = (_run_on_ray(jobs, to, options, workers, batch_size, address) if engine == "ray"
+            batches = (_run_on_ray(jobs, to, options, workers, batch_size, address, gpus_per_worker)
+                       if engine == "ray"
                        else _run_here(jobs, to, options, batch_size or DEFAULT_BATCH_SIZE, progress))
             for batch in batches:
                 writer.write(batch)
@@ -296,8 +299,8 @@ def _run_here(jobs: list[tuple[str, str]], to: Target, options: dict[str, Any] |
 
 
 def _run_on_ray(jobs: list[tuple[str, str]], to: Target, options: dict[str, Any] | None, workers: int | None,
-                batch_size: int | None, address: str | None) -> Iterator[Batch]:
-    """Stream result batches from a pool of ``Converter`` actors, one GPU each where the cluster has GPUs."""
+                batch_size: int | None, address: str | None, gpus_per_worker: float) -> Iterator[Batch]:
+    """Stream result batches from a pool of ``Converter`` actors, with GPUs where the cluster has them."""
     try:
         import ray
     except ImportError:
@@ -306,7 +309,7 @@ def _run_on_ray(jobs: list[tuple[str, str]], to: Target, options: dict[str, Any]
         ray.init(address=address)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    actors = workers or gpus or max(int(resources.get("CPU", 1)), 1)
+    actors = workers or int(gpus / gpus_per_worker) or max(int(resources.get("CPU", 1)), 1)
     # never so many files per call that some workers would get none
     per_call = min(batch_size or DEFAULT_BATCH_SIZE, max(1, math.ceil(len(jobs) / actors)))
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
@@ -315,7 +318,7 @@ def _run_on_ray(jobs: list[tuple[str, str]], to: Target, options: dict[str, Any]
     results = dataset.map_batches(Converter, fn_constructor_kwargs={"to": to, "options": options},
                                   batch_size=per_call, batch_format="numpy",
                                   compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-                                  num_gpus=1 if gpus else 0, runtime_env={"env_vars": env})
+                                  num_gpus=gpus_per_worker if gpus else 0, runtime_env={"env_vars": env})
     yield from results.iter_batches(batch_size=None, batch_format="numpy")
 
 
