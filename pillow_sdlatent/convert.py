@@ -32,7 +32,7 @@ Engine = Literal["ray", "local"]
 SUFFIXES: dict[str, str] = {"sdl": ".sdl", "png": ".png", "latent": ".npy"}
 #: an input with one of these suffixes is a manifest: one path per line, relative to the manifest's folder
 MANIFEST_SUFFIXES = (".txt", ".lst")
-REPORT_COLUMNS = ("source", "target", "outcome", "error", "bytes", "bpp", "seconds")
+REPORT_COLUMNS = ("source", "target", "outcome", "error", "bytes", "bpp", "seconds", "cpu_seconds")
 #: at most this many files per worker call unless asked otherwise (a GPU batch; fewer when files are few)
 DEFAULT_BATCH_SIZE = 16
 #: environment variables that choose models and devices, passed on to Ray workers on other machines
@@ -111,38 +111,38 @@ class Converter:
     """
 
     def __init__(self, to: Target, options: dict[str, Any] | None = None) -> None:
-        if to not in SUFFIXES:
-            raise ValueError(f"to must be one of {', '.join(SUFFIXES)}, not {to!r}")
-        self.to = to
+        self.to = _checked_target(to)
         self.options = dict(options or {})
+        if to != "png":  # load the encoder now (bad options fail here), so the first batch times like the rest
+            self.run([Image.new("RGB", (64, 64))])
 
     def __call__(self, batch: Batch) -> Batch:
         rows: list[Row] = []
-        pending: list[tuple[str, str, int, Any, float]] = []
+        pending: list[tuple[str, str, int, Any, np.ndarray]] = []
         for source, target in zip(map(str, batch["source"]), map(str, batch["target"]), strict=True):
-            started = time.perf_counter()
+            started = _clock()
             if self.verified(Path(target)):
                 size = os.path.getsize(target)
-                rows.append(_row(source, target, "skipped", "", size, _pixels(source), time.perf_counter() - started))
+                rows.append(_row(source, target, "skipped", "", size, _pixels(source), _clock() - started))
                 continue
             try:
                 payload, pixels = self.load(Path(source))
             except Exception as exc:
-                rows.append(_row(source, target, "failed", _describe(exc), 0, 0, time.perf_counter() - started))
+                rows.append(_row(source, target, "failed", _describe(exc), 0, 0, _clock() - started))
                 continue
-            pending.append((source, target, pixels, payload, time.perf_counter() - started))
-        started = time.perf_counter()
+            pending.append((source, target, pixels, payload, _clock() - started))
+        started = _clock()
         outputs = _isolated(self.run, [payload for *_, payload, _ in pending])
-        share = (time.perf_counter() - started) / max(len(pending), 1)
-        for (source, target, pixels, _, load_seconds), output in zip(pending, outputs, strict=True):
-            started = time.perf_counter()
+        share = (_clock() - started) / max(len(pending), 1)
+        for (source, target, pixels, _, load_time), output in zip(pending, outputs, strict=True):
+            started = _clock()
             if not isinstance(output, Exception):
                 try:
                     Path(target).parent.mkdir(parents=True, exist_ok=True)
                     atomic_write(target, output)
                 except Exception as exc:
                     output = exc
-            seconds = load_seconds + share + time.perf_counter() - started
+            seconds = load_time + share + _clock() - started
             if isinstance(output, Exception):
                 rows.append(_row(source, target, "failed", _describe(output), 0, pixels, seconds))
             else:
@@ -186,6 +186,12 @@ class Converter:
         return [_npy_bytes(read_latent(data)) for data in files]
 
 
+def _checked_target(to: str) -> Target:
+    if to not in SUFFIXES:
+        raise ValueError(f"to must be one of {', '.join(SUFFIXES)}, not {to!r}")
+    return to  # type: ignore[return-value]
+
+
 def _isolated(work: Callable[[list[Any]], list[bytes]], items: list[Any]) -> list[bytes | Exception]:
     """``work`` on all items at once; if that fails, on each alone, so that a bad item spoils only itself."""
     if not items:
@@ -198,10 +204,16 @@ def _isolated(work: Callable[[list[Any]], list[bytes]], items: list[Any]) -> lis
     return [_isolated(work, [item])[0] for item in items]
 
 
-def _row(source: str, target: str, outcome: str, error: str, size: int, pixels: int, seconds: float) -> Row:
+def _clock() -> np.ndarray:
+    """Wall and CPU seconds (this process, all threads): the CPU time is what a busy shared machine distorts least."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
+def _row(source: str, target: str, outcome: str, error: str, size: int, pixels: int, seconds: np.ndarray) -> Row:
+    """A report row; ``seconds`` holds the wall and CPU time spent on this file."""
     bpp = size * 8 / pixels if pixels and size else math.nan
     return {"source": source, "target": target, "outcome": outcome, "error": error, "bytes": size,
-            "bpp": bpp, "seconds": seconds}
+            "bpp": bpp, "seconds": float(seconds[0]), "cpu_seconds": float(seconds[1])}
 
 
 def _pixels(source: str) -> int:
@@ -243,12 +255,13 @@ def convert(inputs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike
     of one (0.25: four actors share a GPU, which keeps it busy while each entropy-codes on its CPU)
     and ``workers`` defaults to as many as the GPUs hold; without GPUs, to one per CPU.
     ``report``: a ``.csv`` path, or ``.parquet`` (needs pyarrow); default ``out_dir/convert-report.csv``.
+    ``progress``: a tqdm bar for the local engine (Ray Data shows its own).
     """
     if engine not in ("ray", "local"):
         raise ValueError(f"engine must be 'ray' or 'local', not {engine!r}")
     if engine == "local" and workers not in (None, 1):
         raise ValueError("the local engine runs one worker; use engine='ray' for more")
-    Converter(to, options)  # a bad target fails here, before any work is sent out
+    _checked_target(to)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs, clashes = _without_clashes(plan(inputs, out, to))
@@ -275,7 +288,8 @@ def _without_clashes(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]
     jobs, clashes = [], []
     for source, target in pairs:
         if target in first_source:
-            clashes.append(_row(source, target, "failed", f"same output as {first_source[target]}", 0, 0, 0.0))
+            clashes.append(_row(source, target, "failed", f"same output as {first_source[target]}", 0, 0,
+                                np.zeros(2)))
         else:
             first_source[target] = source
             jobs.append((source, target))
@@ -339,7 +353,7 @@ class ReportWriter:
 
             schema = pa.schema([("source", pa.string()), ("target", pa.string()), ("outcome", pa.string()),
                                 ("error", pa.string()), ("bytes", pa.int64()), ("bpp", pa.float64()),
-                                ("seconds", pa.float64())])
+                                ("seconds", pa.float64()), ("cpu_seconds", pa.float64())])
             self._writer = pq.ParquetWriter(self.path, schema)
         else:
             self._file = open(self.path, "w", newline="", encoding="utf-8")
@@ -355,8 +369,9 @@ class ReportWriter:
                                               schema=self._writer.schema))
         else:
             for values in zip(*(batch[column] for column in REPORT_COLUMNS), strict=True):
-                source, target, outcome, error, size, bpp, seconds = values
-                self._writer.writerow([source, target, outcome, error, int(size), f"{bpp:.4f}", f"{seconds:.3f}"])
+                source, target, outcome, error, size, bpp, seconds, cpu_seconds = values
+                self._writer.writerow([source, target, outcome, error, int(size), f"{bpp:.4f}", f"{seconds:.3f}",
+                                       f"{cpu_seconds:.3f}"])
             self._file.flush()
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
