@@ -147,7 +147,7 @@ class Converter:
                 rows.append(_row(source, target, "failed", _describe(output), 0, pixels, seconds))
             else:
                 rows.append(_row(source, target, "done", "", len(output), pixels, seconds))
-        return {column: np.array([row[column] for row in rows]) for column in REPORT_COLUMNS}
+        return _columns(rows)
 
     def verified(self, target: Path) -> bool:
         """Whether ``target`` exists and is whole: every CRC of an ``.sdl``/PNG, the array length of a ``.npy``."""
@@ -202,6 +202,11 @@ def _isolated(work: Callable[[list[Any]], list[bytes]], items: list[Any]) -> lis
         if len(items) == 1:
             return [exc]
     return [_isolated(work, [item])[0] for item in items]
+
+
+def _columns(rows: list[Row]) -> Batch:
+    """Rows as report columns, the batch format Ray Data passes between stages."""
+    return {column: np.array([row[column] for row in rows]) for column in REPORT_COLUMNS}
 
 
 def _clock() -> np.ndarray:
@@ -293,7 +298,7 @@ def _without_clashes(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]
         else:
             first_source[target] = source
             jobs.append((source, target))
-    return jobs, {column: np.array([row[column] for row in clashes]) for column in REPORT_COLUMNS} if clashes else {}
+    return jobs, _columns(clashes) if clashes else {}
 
 
 def _batch(jobs: Sequence[tuple[str, str]]) -> Batch:
