@@ -113,8 +113,7 @@ class Converter:
     def __init__(self, to: Target, options: dict[str, Any] | None = None) -> None:
         self.to = _checked_target(to)
         self.options = dict(options or {})
-        if to != "png":  # load the encoder now (bad options fail here), so the first batch times like the rest
-            self.run([Image.new("RGB", (64, 64))])
+        self.warm = to == "png"  # a decoder is chosen by each file's header, so it loads with the first batch
 
     def __call__(self, batch: Batch) -> Batch:
         rows: list[Row] = []
@@ -131,6 +130,9 @@ class Converter:
                 rows.append(_row(source, target, "failed", _describe(exc), 0, 0, _clock() - started))
                 continue
             pending.append((source, target, pixels, payload, _clock() - started))
+        if pending and not self.warm:  # the encoder loads (and bad options fail) outside the files' times
+            self.run([Image.new("RGB", (64, 64))])
+            self.warm = True
         started = _clock()
         outputs = _isolated(self.run, [payload for *_, payload, _ in pending])
         share = (_clock() - started) / max(len(pending), 1)
