@@ -45,11 +45,15 @@ def _attempt(work: Callable[[list[Path]], None], chunk: list[Path]) -> int:
     return 0
 
 
+def save_options(args: argparse.Namespace) -> dict[str, object]:
+    return {"quality": args.quality, "bpp": args.bpp, "max_bytes": args.max_bytes, "effort": args.effort,
+            "model": args.model, "device": args.device, "weights": args.weights, "scale": args.scale}
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     from .pipeline import encode_images
 
-    options = {"quality": args.quality, "bpp": args.bpp, "max_bytes": args.max_bytes, "effort": args.effort,
-               "model": args.model, "device": args.device, "weights": args.weights, "scale": args.scale}
+    options = save_options(args)
 
     def encode_batch(sources: list[Path]) -> None:
         images = []
@@ -76,6 +80,22 @@ def cmd_decode(args: argparse.Namespace) -> int:
                 atomic_write(target, buffer.read())
 
     return _run_all(args.inputs, "decode", decode_batch, args.batch)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    if args.to == "png":
+        options = {"model": args.model, "device": args.device, "weights": args.weights}
+    else:
+        options = save_options(args)
+    summary = convert(args.inputs, args.out, to="latent" if args.to == "npy" else args.to, engine=args.engine,
+                      workers=args.workers, batch_size=args.batch, address=args.address, report=args.report,
+                      gpus_per_worker=args.gpus_per_worker,
+                      options={key: value for key, value in options.items() if value is not None})
+    print(f"sdl convert: {summary.done} converted, {summary.skipped} already done, {summary.failed} failed "
+          f"in {summary.seconds:.1f} s; report: {summary.report}", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -105,23 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdl", description="Stable Diffusion latent image files (.sdl).")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def model_options(sub: argparse.ArgumentParser, model_help: str) -> None:
+    def device_options(sub: argparse.ArgumentParser, model_help: str) -> None:
         sub.add_argument("--model", help=f"model name (default: {model_help})")
         sub.add_argument("--device", help="cpu, cuda, mps (default: $PILLOW_SDLATENT_DEVICE or the best available)")
         sub.add_argument("--weights", help="a folder or .safetensors file holding the model's weights")
+
+    def model_options(sub: argparse.ArgumentParser, model_help: str) -> None:
+        device_options(sub, model_help)
         sub.add_argument("-o", "--output", help="output file (one input only)")
         sub.add_argument("--out-dir", type=Path, help="write outputs here instead of beside the inputs")
         sub.add_argument("--batch", type=int, default=8, help="images per model batch (default: %(default)s)")
 
+    def rate_options(sub: argparse.ArgumentParser) -> None:
+        rate = sub.add_mutually_exclusive_group()
+        rate.add_argument("-q", "--quality", type=int, help=f"1..100 (default: {DEFAULT_QUALITY})")
+        rate.add_argument("--bpp", type=float, help="target bits per pixel (the file lands within 3%% under)")
+        rate.add_argument("--max-bytes", type=int, help="largest file size in bytes")
+        sub.add_argument("--effort", type=int, default=0, help="0 (fast) .. 3: time spent refining the latent")
+        sub.add_argument("--scale", type=float,
+                         help="code the image resized by this factor in (0, 1] (default: chosen per rate)")
+
     encode = commands.add_parser("encode", help="compress images to .sdl")
     encode.add_argument("inputs", nargs="+", type=Path)
-    rate = encode.add_mutually_exclusive_group()
-    rate.add_argument("-q", "--quality", type=int, help=f"1..100 (default: {DEFAULT_QUALITY})")
-    rate.add_argument("--bpp", type=float, help="target bits per pixel (the file lands within 3%% under)")
-    rate.add_argument("--max-bytes", type=int, help="largest file size in bytes")
-    encode.add_argument("--effort", type=int, default=0, help="0 (fast) .. 3: time spent refining the latent")
-    encode.add_argument("--scale", type=float,
-                        help="code the image resized by this factor in (0, 1] (default: chosen per rate)")
+    rate_options(encode)
     model_options(encode, "taesd, or taesd3 at high rates")
     encode.set_defaults(run=cmd_encode)
 
@@ -130,6 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--format", default="png", help="output extension (default: %(default)s)")
     model_options(decode, "the file's own")
     decode.set_defaults(run=cmd_decode)
+
+    convert = commands.add_parser(
+        "convert", help="convert folders, files or manifests on Ray or locally; resumable, with a report",
+        description="Folders are searched recursively and mirrored below OUT; a .txt/.lst input lists paths. "
+                    "A rerun skips outputs that exist and verify; a file that fails becomes a report row.")
+    convert.add_argument("inputs", nargs="+", type=Path, metavar="SRC")
+    convert.add_argument("-o", "--output", dest="out", type=Path, required=True, metavar="OUT",
+                         help="output folder")
+    convert.add_argument("--to", choices=("sdl", "png", "npy"), default="sdl",
+                         help="sdl: encode images; png: decode .sdl files; npy: latents as float32 (C, H, W) "
+                              "arrays, from .sdl files or by encoding images (default: %(default)s)")
+    convert.add_argument("--engine", choices=("ray", "local"), default="ray",
+                         help="ray: a pool of workers on a Ray cluster; local: this process (default: %(default)s)")
+    convert.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU)")
+    convert.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local cluster)")
+    convert.add_argument("--gpus-per-worker", type=float, default=1.0,
+                         help="share of a GPU per Ray worker on a cluster with GPUs (default: %(default)s)")
+    convert.add_argument("--report", type=Path, help="report of every input, .csv or .parquet "
+                                                     "(default: OUT/convert-report.csv)")
+    convert.add_argument("--batch", type=int, help="files per worker call, at most (default: 16)")
+    rate_options(convert)
+    device_options(convert, "taesd for sdl and npy, the file's own for png")
+    convert.set_defaults(run=cmd_convert)
 
     info = commands.add_parser("info", help="print headers without decoding")
     info.add_argument("inputs", nargs="+", type=Path)
