@@ -190,7 +190,7 @@ class _EncodeJob:
     coded_size: tuple[int, int] | None
 
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
-        quantizer = quantize.UniformQuantizer.with_step(step, latent.shape[0])
+        quantizer = quantize.quantizer_for(self.options.model, step, latent.shape[0])
         symbols = quantizer.quantize(latent)
         coder = entropy.get_coder(self.options.coder)
         coder_params, payload = coder.encode(symbols)
@@ -210,11 +210,12 @@ class _EncodeJob:
         if target is None:
             step = step_at_scale(step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options), self.scale,
                                  options.model)
-            return self.file_for(refine.refine_latent(model, latent, rgb, step, options.effort), step)
+            quantizer = quantize.quantizer_for(options.model, step, latent.shape[0])
+            return self.file_for(refine.refine_latent(model, latent, rgb, quantizer, options.effort), step)
         data, step = fit_rate(lambda step: self.file_for(latent, step), target)
         if options.effort:
-            stored_step = quantize.UniformQuantizer.with_step(step, latent.shape[0]).steps[0]
-            latent = refine.refine_latent(model, latent, rgb, stored_step, options.effort)
+            quantizer = quantize.quantizer_for(options.model, step, latent.shape[0])
+            latent = refine.refine_latent(model, latent, rgb, quantizer, options.effort)
             data, _ = fit_rate(lambda step: self.file_for(latent, step), target)
         return data
 
@@ -514,7 +515,7 @@ def read_symbols(layout: Layout, payload: bytes) -> np.ndarray:
         raise DamagedFileError(f"damaged SDL payload: {exc}") from None
 
 
-def file_quantizer(header: Header) -> quantize.UniformQuantizer:
+def file_quantizer(header: Header) -> quantize.Quantizer:
     """The quantizer a file names; ``DamagedFileError`` when its parameters are bad."""
     try:
         return quantize.quantizer_from_params(header.quantizer, header.quantizer_params, header.latent_shape[0])
