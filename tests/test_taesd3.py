@@ -1,0 +1,122 @@
+"""The `klt` quantizer (taesd3's channels through a fixed transform) and the model choice per rate."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+from conftest import SHARED, psnr
+from PIL import Image
+
+from pillow_sdlatent import codec, container, quantize
+from pillow_sdlatent.codec import EncodeOptions
+
+#: a held-out training photo (sorted index 680): never fitted or chosen on
+HELD_OUT_PHOTO = SHARED / "data" / "train" / "Urban100" / "img_077.png"
+
+
+def reference_dequantize(quantizer: quantize.KltQuantizer, symbols: np.ndarray, c: int, y: int, x: int) -> bytes:
+    """FORMAT.md's dequantization of one value, in plain Python floats (IEEE float64), as float32 bytes."""
+    total = 0.0
+    for k, step in enumerate(quantizer.steps):
+        total = total + float(quantizer.transform.matrix[k, c]) * (int(symbols[k, y, x]) * step)
+    return struct.pack("<f", total + float(quantizer.transform.mean[c]))
+
+
+@pytest.fixture(scope="module")
+def klt_file(photo: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    photo.save(buffer, "SDL", model="taesd3", quality=60)
+    return buffer.getvalue()
+
+
+def test_taesd3_files_use_the_klt_quantizer_and_dequantize_to_the_formats_bits(klt_file: bytes) -> None:
+    layout = container.read_layout(io.BytesIO(klt_file))
+    header = layout.header
+    assert header.quantizer == "klt"
+    assert len(header.quantizer_params) == quantize.KLT_DIGEST_BYTES + 4 * 16  # 72 bytes a file
+    quantizer = codec.file_quantizer(header)
+    assert isinstance(quantizer, quantize.KltQuantizer)
+    latent = codec.read_latent(klt_file)
+    assert np.array_equal(latent, codec.read_latent(klt_file))  # deterministic
+    symbols = codec.read_symbols(layout, container.read_payload(io.BytesIO(klt_file), layout))
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        c, y, x = (int(rng.integers(n)) for n in latent.shape)
+        assert latent[c, y, x].astype("<f4").tobytes() == reference_dequantize(quantizer, symbols, c, y, x)
+    assert np.array_equal(quantizer.quantize(latent), symbols)  # dequantized latents re-quantize to their symbols
+
+
+def test_klt_quantizer_round_trips_through_its_params() -> None:
+    transform = quantize.klt_for_model("taesd3")
+    assert transform is not None
+    assert np.allclose(transform.matrix @ transform.matrix.T, np.eye(16), atol=1e-12)  # orthonormal
+    quantizer = quantize.KltQuantizer.with_step(0.5, transform)
+    rebuilt = quantize.quantizer_from_params("klt", quantizer.to_params(), 16)
+    symbols = np.random.default_rng(0).integers(-20, 20, (16, 5, 7)).astype(np.int32)
+    assert rebuilt.steps == quantizer.steps
+    assert rebuilt.dequantize(symbols).tobytes() == quantizer.dequantize(symbols).tobytes()
+
+
+def test_a_reader_without_the_transform_says_so() -> None:
+    params = bytes(quantize.KLT_DIGEST_BYTES) + struct.pack(">16f", *[0.5] * 16)
+    with pytest.raises(ValueError, match="lacks"):
+        quantize.quantizer_from_params("klt", params, 16)
+    transform = quantize.klt_for_model("taesd3")
+    assert transform is not None
+    with pytest.raises(ValueError, match="16 channels, not 15"):
+        quantize.quantizer_from_params("klt", transform.digest + params[quantize.KLT_DIGEST_BYTES:-4], 15)
+
+
+def test_klt_beats_the_uniform_quantizer_on_taesd3_latents(photo: Image.Image) -> None:
+    """Same coder, same payload bytes: the transform's picture is closer (uniform needs a coarser step)."""
+    from pillow_sdlatent import entropy
+    from pillow_sdlatent.models import load_model
+
+    model = load_model("taesd3")
+    rgb = codec.padded_rgb(photo)
+    latent = model.encode_image(rgb)
+    coder = entropy.get_coder("ctx1")
+
+    def payload(quantizer: quantize.Quantizer) -> bytes:
+        return coder.encode(quantizer.quantize(latent))[1]
+
+    def decoded_psnr(quantizer: quantize.Quantizer) -> float:
+        return psnr(model.decode_image(quantizer.dequantize(quantizer.quantize(latent))), rgb)
+
+    klt = quantize.quantizer_for("taesd3", 1.2, 16)
+    _, step = codec.fit_rate(lambda s: payload(quantize.UniformQuantizer.with_step(s, 16)), len(payload(klt)))
+    assert decoded_psnr(klt) > decoded_psnr(quantize.UniformQuantizer.with_step(step, 16)) + 1.0
+
+
+def test_low_rates_pick_taesd3_when_no_model_is_named() -> None:
+    auto = EncodeOptions.from_info({"bpp": 0.15})
+    assert codec.model_for_rate(auto, 768, 512) == "taesd3"
+    assert codec.model_for_rate(EncodeOptions.from_info({"bpp": 0.15, "model": "taesd"}), 768, 512) == "taesd"
+
+
+def crop_with_text() -> Image.Image:
+    """A held-out photo crop with a sign of 14 px lettering on it, the kind taesd rewrites at low rates."""
+    from PIL import ImageDraw, ImageFont
+
+    with Image.open(HELD_OUT_PHOTO) as opened:
+        crop = opened.convert("RGB").crop((560, 260, 816, 452))
+    draw, font = ImageDraw.Draw(crop), ImageFont.load_default(size=14)
+    draw.rectangle((16, 120, 240, 176), fill=(235, 235, 225))
+    draw.text((22, 124), "Universitat Bonn 1818", font=font, fill=(20, 20, 60))
+    draw.text((22, 150), "Hauptgebaude Eingang 3", font=font, fill=(20, 20, 60))
+    return crop
+
+
+@pytest.mark.slow
+def test_text_at_low_rate_is_closer_than_todays_codec() -> None:
+    """A held-out crop with lettering at 0.15 bpp: the automatic choice beats taesd (today's choice)."""
+    crop = crop_with_text()
+    scores = {}
+    for name, extra in (("auto", {}), ("taesd", {"model": "taesd"})):
+        buffer = io.BytesIO()
+        crop.save(buffer, "SDL", bpp=0.15, **extra)
+        scores[name] = psnr(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), crop)
+    assert scores["auto"] > scores["taesd"] + 1.0
