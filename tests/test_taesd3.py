@@ -91,10 +91,11 @@ def test_klt_beats_the_uniform_quantizer_on_taesd3_latents(photo: Image.Image) -
     assert decoded_psnr(klt) > decoded_psnr(quantize.UniformQuantizer.with_step(step, 16)) + 1.0
 
 
-def test_low_rates_pick_taesd3_when_no_model_is_named() -> None:
-    auto = EncodeOptions.from_info({"bpp": 0.15})
-    assert codec.model_for_rate(auto, 768, 512) == "taesd3"
-    assert codec.model_for_rate(EncodeOptions.from_info({"bpp": 0.15, "model": "taesd"}), 768, 512) == "taesd"
+def test_effort_zero_keeps_the_measured_rate_rule() -> None:
+    """taesd keeps the higher whole-photo PSNR below 0.3 bpp (docs/taesd3), taesd3 from there; a named model stays."""
+    assert codec.model_for_rate(EncodeOptions.from_info({"bpp": 0.15}), 768, 512) == "taesd"
+    assert codec.model_for_rate(EncodeOptions.from_info({"bpp": 0.3}), 768, 512) == "taesd3"
+    assert codec.model_for_rate(EncodeOptions.from_info({"bpp": 0.3, "model": "taesd"}), 768, 512) == "taesd"
 
 
 def crop_with_text() -> Image.Image:
@@ -110,13 +111,32 @@ def crop_with_text() -> Image.Image:
     return crop
 
 
+TEXT_BOX = (16, 120, 240, 176)
+
+
+def coded(image: Image.Image, **options: object) -> tuple[str, Image.Image]:
+    buffer = io.BytesIO()
+    image.save(buffer, "SDL", **options)
+    data = buffer.getvalue()
+    return container.read_layout(io.BytesIO(data)).header.model, Image.open(io.BytesIO(data)).convert("RGB")
+
+
 @pytest.mark.slow
-def test_text_at_low_rate_is_closer_than_todays_codec() -> None:
-    """A held-out crop with lettering at 0.15 bpp: the automatic choice beats taesd (today's choice)."""
+def test_text_at_0_3_bpp_gets_taesd3_and_is_closer_than_taesd() -> None:
+    """Measured: the lettering's PSNR 17.1 dB with the automatic choice (taesd3) against 16.0 with taesd."""
     crop = crop_with_text()
-    scores = {}
-    for name, extra in (("auto", {}), ("taesd", {"model": "taesd"})):
-        buffer = io.BytesIO()
-        crop.save(buffer, "SDL", bpp=0.15, **extra)
-        scores[name] = psnr(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), crop)
-    assert scores["auto"] > scores["taesd"] + 1.0
+    model, auto = coded(crop, bpp=0.3)
+    _, taesd = coded(crop, bpp=0.3, model="taesd")
+    assert model == "taesd3"
+    assert psnr(auto.crop(TEXT_BOX), crop.crop(TEXT_BOX)) > psnr(taesd.crop(TEXT_BOX), crop.crop(TEXT_BOX)) + 0.5
+
+
+@pytest.mark.slow
+def test_effort_one_keeps_the_closer_of_both_models() -> None:
+    """With no model named, effort 1 codes both models in the same bytes and keeps the higher PSNR."""
+    crop = crop_with_text()
+    model, auto = coded(crop, bpp=0.15, effort=1)
+    rival = "taesd3" if model == "taesd" else "taesd"
+    _, other = coded(crop, bpp=0.15, effort=1, model=rival)
+    assert model in codec.TRIAL_MODELS
+    assert psnr(auto, crop) >= psnr(other, crop) - 0.2  # the rival here had slightly more bytes to spend
