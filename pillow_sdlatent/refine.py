@@ -41,7 +41,7 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
     z = torch.from_numpy(np.ascontiguousarray(latent))[None].to(device).float().requires_grad_(True)
     start = z.detach().clone()
     round_st = _straight_through(step, device)
-    step = step if isinstance(step, (int, float)) else float(np.exp(np.mean(np.log(step.steps))))
+    step = step if isinstance(step, (int, float)) else max(step.steps)  # the decoder's restorer gate
     optimizer = torch.optim.Adam([z], lr=0.1 * step)
     decode = _pipeline(model, step)
     best, best_loss, first = start, float("inf"), None
