@@ -284,16 +284,15 @@ def model_for_rate(options: EncodeOptions, width: int, height: int) -> str:
 
 def closer_of_trial(image: Image.Image, info: dict[str, Any] | None, job: _EncodeJob, data: bytes) -> bytes:
     """From effort ``TRIAL_EFFORT`` up, with no model named: code the image with the other model of
-    ``TRIAL_MODELS`` in at most ``len(data)`` bytes too, decode both and keep the file whose picture has
-    the higher PSNR, a distortion that a rewritten face or letter cannot hide from. The file records
-    the model it was coded with."""
+    ``TRIAL_MODELS`` too, at the same rate target (for a quality: in at most ``len(data)`` bytes), decode
+    both and keep the file whose picture has the higher PSNR, a distortion that a rewritten face or
+    letter cannot hide from. The file records the model it was coded with."""
     options = job.options
     if options.model_fixed or options.effort < TRIAL_EFFORT or options.model not in TRIAL_MODELS:
         return data
-    rival_model = next(model for model in TRIAL_MODELS if model != options.model)
-    rates = ("quality", "bpp", "max_bytes")
-    rival_info = {**{k: v for k, v in (info or {}).items() if k not in rates}, "model": rival_model,
-                  "max_bytes": len(data)}
+    rival_info = {**(info or {}), "model": next(model for model in TRIAL_MODELS if model != options.model)}
+    if rate_target(options, image.width, image.height) is None:
+        rival_info = {k: v for k, v in rival_info.items() if k != "quality"} | {"max_bytes": len(data)}
     try:
         rival = encode_image(image, rival_info)
     except (OSError, ValueError):  # no weights for it, its coder cannot serve, or it cannot fit the bytes
