@@ -33,6 +33,10 @@ HIGH_RATE_QUALITY = 89
 #: taesd3's step at quality 89 and 100 (log-linear between): about 0.35 and 0.95 bpp on those photos,
 #: so that quality 89 already lands where taesd3 is clearly ahead (ST-LPIPS 0.065 against taesd's 0.097)
 HIGH_RATE_STEPS = (0.6, 0.1)
+#: effort from which the encoder also codes the image with the other of these models and keeps the
+#: closer picture (``pipeline.closer_of_trial``): per image, taesd3 holds faces and small text that taesd rewrites
+TRIAL_EFFORT = 1
+TRIAL_MODELS = (DEFAULT_MODEL, HIGH_RATE_MODEL)
 
 
 #: Scale per rate, for the models it was measured on (RATE_CURVES); see ``scale_for_rate``. At low

@@ -24,6 +24,7 @@ EXPECTED = {
     "taesd_zstd_rgba": ((1, 0), "taesd", "zstd", "RGBA", (4, 4, 6)),
     "taesd_ctx2_scaled": ((2, 0), "taesd", "ctx2", "RGB", (4, 6, 8)),
     "taesd3_ctx1_rgb": ((1, 0), "taesd3", "ctx1", "RGB", (16, 6, 8)),
+    "taesd3_klt_ctx1_rgb": ((1, 0), "taesd3", "ctx1", "RGB", (16, 6, 8)),
 }
 
 

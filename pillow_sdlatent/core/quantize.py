@@ -6,11 +6,15 @@ any build can rebuild exactly the dequantizer that a file needs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
+
+from ..weights import WEIGHTS_DIR
 
 #: quality maps log-linearly onto the step (latent units; TAESD latents have a standard
 #: deviation of about 0.6) in two pieces: 1 -> MAX_STEP, 75 -> DEFAULT_STEP, 100 -> MIN_STEP.
@@ -78,10 +82,120 @@ class UniformQuantizer:
         return cls(tuple(steps))
 
 
-QUANTIZERS = {UniformQuantizer.name: UniformQuantizer}
+#: model -> its shipped KLT file (training/fit_klt.py) under pillow_sdlatent/weights
+KLT_FILES = {"taesd3": "klt_taesd3.safetensors"}
+KLT_DIGEST_BYTES = 8
 
 
-def quantizer_from_params(name: str, params: bytes, channels: int) -> UniformQuantizer:
+@dataclass(frozen=True, eq=False)
+class KltTransform:
+    """A fixed orthonormal transform across latent channels, with its fitted per-component step weights.
+
+    ``matrix`` rows are the components (largest variance first); ``digest`` names it in a file.
+    """
+
+    matrix: np.ndarray = field(repr=False)  # (C, C) float64
+    mean: np.ndarray = field(repr=False)  # (C,) float64
+    step_weights: np.ndarray = field(repr=False)  # (C,) float64, geometric mean 1
+    digest: bytes
+
+
+def transform_digest(matrix: np.ndarray, mean: np.ndarray) -> bytes:
+    """The first 8 bytes of SHA-256 over the matrix (row-major) then the mean, as float64 little-endian."""
+    data = np.ascontiguousarray(matrix, dtype="<f8").tobytes() + np.ascontiguousarray(mean, dtype="<f8").tobytes()
+    return hashlib.sha256(data).digest()[:KLT_DIGEST_BYTES]
+
+
+@cache
+def klt_for_model(model: str) -> KltTransform | None:
+    """The shipped transform for ``model``'s latent space, if it has one (read once; safetensors, no torch)."""
+    if model not in KLT_FILES:
+        return None
+    from safetensors.numpy import load
+
+    tensors = load((WEIGHTS_DIR / KLT_FILES[model]).read_bytes())
+    matrix, mean = tensors["matrix"].astype(np.float64), tensors["mean"].astype(np.float64)
+    return KltTransform(matrix, mean, tensors["step_weights"].astype(np.float64), transform_digest(matrix, mean))
+
+
+def klt_by_digest(digest: bytes) -> KltTransform | None:
+    """The shipped transform a file names by its digest, if this build has it."""
+    transforms = (klt_for_model(model) for model in KLT_FILES)
+    return next((t for t in transforms if t is not None and t.digest == digest), None)
+
+
+@dataclass(frozen=True)
+class KltQuantizer:
+    """Uniform quantizer with one step per component of a fixed channel transform (``KltTransform``).
+
+    Symbols are ``rint(M (x - mean) / step)``; the encoder side may compute them any way it likes.
+    Dequantization is normative (FORMAT.md): float64 products and sums in component order, then float32.
+    """
+
+    steps: tuple[float, ...]
+    transform: KltTransform
+    name = "klt"
+
+    @classmethod
+    def with_step(cls, step: float, transform: KltTransform) -> KltQuantizer:
+        """Component k gets ``step`` times its fitted weight, stored as float32."""
+        return cls(tuple(float(np.float32(step * w)) for w in transform.step_weights), transform)
+
+    def components(self, latent: np.ndarray) -> np.ndarray:
+        """(C, H, W) latent -> (C, H, W) float64 transform coefficients."""
+        centred = latent.astype(np.float64) - self.transform.mean[:, None, None]
+        return np.tensordot(self.transform.matrix, centred, axes=1)
+
+    def quantize(self, latent: np.ndarray) -> np.ndarray:
+        steps = np.asarray(self.steps, dtype=np.float64).reshape(-1, 1, 1)
+        return np.rint(self.components(latent) / steps).astype(np.int32)
+
+    def dequantize(self, symbols: np.ndarray) -> np.ndarray:
+        """Bit-exact on every IEEE-754 platform: each product and sum is one rounded float64 operation."""
+        matrix, mean = self.transform.matrix, self.transform.mean
+        values = [symbols[k].astype(np.float64) * self.steps[k] for k in range(len(self.steps))]
+        latent = np.empty(symbols.shape, dtype=np.float32)
+        for c in range(len(self.steps)):
+            total = np.zeros(symbols.shape[1:], dtype=np.float64)
+            for k, value in enumerate(values):
+                total = total + matrix[k, c] * value
+            latent[c] = (total + mean[c]).astype(np.float32)
+        return latent
+
+    def to_params(self) -> bytes:
+        return self.transform.digest + struct.pack(f">{len(self.steps)}f", *self.steps)
+
+    @classmethod
+    def from_params(cls, params: bytes, channels: int) -> KltQuantizer:
+        if len(params) != KLT_DIGEST_BYTES + 4 * channels:
+            raise ValueError("klt quantizer parameters do not match the channel count")
+        digest = params[:KLT_DIGEST_BYTES]
+        transform = klt_by_digest(digest)
+        if transform is None:
+            raise ValueError(f"the file needs KLT transform {digest.hex()}, which this build lacks; "
+                             "upgrade pillow_sdlatent")
+        if len(transform.mean) != channels:
+            raise ValueError(f"KLT transform {digest.hex()} has {len(transform.mean)} channels, not {channels}")
+        steps = struct.unpack(f">{channels}f", params[KLT_DIGEST_BYTES:])
+        if not all(math.isfinite(s) and 1e-6 < s < 1e6 for s in steps):
+            raise ValueError("klt quantizer step out of range")
+        return cls(steps, transform)
+
+
+Quantizer = UniformQuantizer | KltQuantizer
+QUANTIZERS: dict[str, type[UniformQuantizer] | type[KltQuantizer]] = {
+    UniformQuantizer.name: UniformQuantizer, KltQuantizer.name: KltQuantizer}
+
+
+def quantizer_for(model: str, step: float, channels: int) -> Quantizer:
+    """The quantizer the encoder uses for ``model`` at base ``step``: ``klt`` where a transform ships."""
+    transform = klt_for_model(model)
+    if transform is not None and len(transform.mean) == channels:
+        return KltQuantizer.with_step(step, transform)
+    return UniformQuantizer.with_step(step, channels)
+
+
+def quantizer_from_params(name: str, params: bytes, channels: int) -> Quantizer:
     """Rebuild the quantizer a file names; ValueError for one this build lacks."""
     try:
         cls = QUANTIZERS[name]

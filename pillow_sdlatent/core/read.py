@@ -32,7 +32,7 @@ def read_symbols(layout: Layout, payload: bytes) -> np.ndarray:
         raise DamagedFileError(f"damaged SDL payload: {exc}") from None
 
 
-def file_quantizer(header: Header) -> quantize.UniformQuantizer:
+def file_quantizer(header: Header) -> quantize.Quantizer:
     """The quantizer a file names; ``DamagedFileError`` when its parameters are bad."""
     try:
         return quantize.quantizer_from_params(header.quantizer, header.quantizer_params, header.latent_shape[0])

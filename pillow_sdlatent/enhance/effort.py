@@ -19,10 +19,12 @@ ITERATIONS = {0: 0, 1: 8, 2: 24, 3: 64}
 MAX_EFFORT = max(ITERATIONS)
 
 
-def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: float, effort: int,
+def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: float | Any, effort: int,
                   distance: Callable[[Any, Any], Any] | None = None) -> np.ndarray:
     """Return a latent (same shape) whose quantization at ``step`` decodes closer to ``rgb``.
 
+    ``step`` is a uniform step, or the quantizer (``quantize.UniformQuantizer``/``KltQuantizer``)
+    that will store the latent, so that the rounding optimised against is the one the file gets.
     ``rgb`` is the (8h, 8w, 3) uint8 image the latent was encoded from (already padded).
     ``distance(decoded, target)``, both (1, 3, H, W) in [-1, 1], is an optional differentiable
     perceptual term added to the squared error, each divided by its value at the first step. The
@@ -38,11 +40,13 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
     target = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device).float() / 127.5 - 1
     z = torch.from_numpy(np.ascontiguousarray(latent))[None].to(device).float().requires_grad_(True)
     start = z.detach().clone()
+    round_st = _straight_through(step, device)
+    step = step if isinstance(step, (int, float)) else max(step.steps)  # the decoder's restorer gate
     optimizer = torch.optim.Adam([z], lr=0.1 * step)
     decode = _pipeline(model, step)
     best, best_loss, first = start, float("inf"), None
     for _ in range(iterations):
-        quantized = z + (torch.round(z / step) * step - z).detach()  # straight-through rounding
+        quantized = round_st(z)
         decoded = decode(quantized)
         terms = [torch.mean((decoded - target) ** 2)]
         if distance is not None:
@@ -55,6 +59,27 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
         loss.backward()
         optimizer.step()
     return best[0].cpu().numpy()
+
+
+def _straight_through(step: float | Any, device: str) -> Callable[[Any], Any]:
+    """z -> its dequantized quantization in the forward pass, identity gradient in the backward pass."""
+    import torch
+
+    if isinstance(step, (int, float)):
+        return lambda z: z + (torch.round(z / step) * step - z).detach()
+    steps = torch.tensor(step.steps, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+    transform = getattr(step, "transform", None)
+    if transform is None:  # uniform, one step per channel
+        return lambda z: z + (torch.round(z / steps) * steps - z).detach()
+    matrix = torch.from_numpy(transform.matrix).float().to(device)
+    mean = torch.from_numpy(transform.mean).float().to(device).reshape(1, -1, 1, 1)
+
+    def rounded(z: Any) -> Any:
+        coefficients = torch.einsum("kc,nchw->nkhw", matrix, z - mean)
+        back = torch.einsum("kc,nkhw->nchw", matrix, torch.round(coefficients / steps) * steps) + mean
+        return z + (back - z).detach()
+
+    return rounded
 
 
 def _pipeline(model: object, step: float):

@@ -1,0 +1,143 @@
+"""The `klt` quantizer (taesd3's channels through a fixed transform) and the model choice per rate."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+from conftest import SHARED, psnr
+from PIL import Image
+
+from pillow_sdlatent import pipeline, rate
+from pillow_sdlatent.core import container, quantize, read
+from pillow_sdlatent.options import EncodeOptions
+
+#: a held-out training photo (sorted index 680): never fitted or chosen on
+HELD_OUT_PHOTO = SHARED / "data" / "train" / "Urban100" / "img_077.png"
+
+
+def reference_dequantize(quantizer: quantize.KltQuantizer, symbols: np.ndarray, c: int, y: int, x: int) -> bytes:
+    """FORMAT.md's dequantization of one value, in plain Python floats (IEEE float64), as float32 bytes."""
+    total = 0.0
+    for k, step in enumerate(quantizer.steps):
+        total = total + float(quantizer.transform.matrix[k, c]) * (int(symbols[k, y, x]) * step)
+    return struct.pack("<f", total + float(quantizer.transform.mean[c]))
+
+
+@pytest.fixture(scope="module")
+def klt_file(photo: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    photo.save(buffer, "SDL", model="taesd3", quality=60)
+    return buffer.getvalue()
+
+
+def test_taesd3_files_use_the_klt_quantizer_and_dequantize_to_the_formats_bits(klt_file: bytes) -> None:
+    layout = container.read_layout(io.BytesIO(klt_file))
+    header = layout.header
+    assert header.quantizer == "klt"
+    assert len(header.quantizer_params) == quantize.KLT_DIGEST_BYTES + 4 * 16  # 72 bytes a file
+    quantizer = read.file_quantizer(header)
+    assert isinstance(quantizer, quantize.KltQuantizer)
+    latent = read.read_latent(klt_file)
+    assert np.array_equal(latent, read.read_latent(klt_file))  # deterministic
+    symbols = read.read_symbols(layout, container.read_payload(io.BytesIO(klt_file), layout))
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        c, y, x = (int(rng.integers(n)) for n in latent.shape)
+        assert latent[c, y, x].astype("<f4").tobytes() == reference_dequantize(quantizer, symbols, c, y, x)
+    assert np.array_equal(quantizer.quantize(latent), symbols)  # dequantized latents re-quantize to their symbols
+
+
+def test_klt_quantizer_round_trips_through_its_params() -> None:
+    transform = quantize.klt_for_model("taesd3")
+    assert transform is not None
+    assert np.allclose(transform.matrix @ transform.matrix.T, np.eye(16), atol=1e-12)  # orthonormal
+    quantizer = quantize.KltQuantizer.with_step(0.5, transform)
+    rebuilt = quantize.quantizer_from_params("klt", quantizer.to_params(), 16)
+    symbols = np.random.default_rng(0).integers(-20, 20, (16, 5, 7)).astype(np.int32)
+    assert rebuilt.steps == quantizer.steps
+    assert rebuilt.dequantize(symbols).tobytes() == quantizer.dequantize(symbols).tobytes()
+
+
+def test_a_reader_without_the_transform_says_so() -> None:
+    params = bytes(quantize.KLT_DIGEST_BYTES) + struct.pack(">16f", *[0.5] * 16)
+    with pytest.raises(ValueError, match="lacks"):
+        quantize.quantizer_from_params("klt", params, 16)
+    transform = quantize.klt_for_model("taesd3")
+    assert transform is not None
+    with pytest.raises(ValueError, match="16 channels, not 15"):
+        quantize.quantizer_from_params("klt", transform.digest + params[quantize.KLT_DIGEST_BYTES:-4], 15)
+
+
+def test_klt_beats_the_uniform_quantizer_on_taesd3_latents(photo: Image.Image) -> None:
+    """Same coder, same payload bytes: the transform's picture is closer (uniform needs a coarser step)."""
+    from pillow_sdlatent.core import coders
+    from pillow_sdlatent.models import load_model
+
+    model = load_model("taesd3")
+    rgb = pipeline.padded_rgb(photo)
+    latent = model.encode_image(rgb)
+    coder = coders.get_coder("ctx1")
+
+    def payload(quantizer: quantize.Quantizer) -> bytes:
+        return coder.encode(quantizer.quantize(latent))[1]
+
+    def decoded_psnr(quantizer: quantize.Quantizer) -> float:
+        return psnr(model.decode_image(quantizer.dequantize(quantizer.quantize(latent))), rgb)
+
+    klt = quantize.quantizer_for("taesd3", 1.2, 16)
+    _, step = rate.fit_rate(lambda s: payload(quantize.UniformQuantizer.with_step(s, 16)), len(payload(klt)))
+    assert decoded_psnr(klt) > decoded_psnr(quantize.UniformQuantizer.with_step(step, 16)) + 1.0
+
+
+def test_effort_zero_keeps_the_measured_rate_rule() -> None:
+    """taesd keeps the higher whole-photo PSNR below 0.3 bpp (docs/taesd3), taesd3 from there; a named model stays."""
+    assert rate.model_for_rate(EncodeOptions.from_info({"bpp": 0.15}), 768, 512) == "taesd"
+    assert rate.model_for_rate(EncodeOptions.from_info({"bpp": 0.3}), 768, 512) == "taesd3"
+    assert rate.model_for_rate(EncodeOptions.from_info({"bpp": 0.3, "model": "taesd"}), 768, 512) == "taesd"
+
+
+def crop_with_text() -> Image.Image:
+    """A held-out photo crop with a sign of 14 px lettering on it, the kind taesd rewrites at low rates."""
+    from PIL import ImageDraw, ImageFont
+
+    with Image.open(HELD_OUT_PHOTO) as opened:
+        crop = opened.convert("RGB").crop((560, 260, 816, 452))
+    draw, font = ImageDraw.Draw(crop), ImageFont.load_default(size=14)
+    draw.rectangle((16, 120, 240, 176), fill=(235, 235, 225))
+    draw.text((22, 124), "Universitat Bonn 1818", font=font, fill=(20, 20, 60))
+    draw.text((22, 150), "Hauptgebaude Eingang 3", font=font, fill=(20, 20, 60))
+    return crop
+
+
+TEXT_BOX = (16, 120, 240, 176)
+
+
+def coded(image: Image.Image, **options: object) -> tuple[str, Image.Image]:
+    buffer = io.BytesIO()
+    image.save(buffer, "SDL", **options)
+    data = buffer.getvalue()
+    return container.read_layout(io.BytesIO(data)).header.model, Image.open(io.BytesIO(data)).convert("RGB")
+
+
+@pytest.mark.slow
+def test_text_at_0_3_bpp_gets_taesd3_and_is_closer_than_taesd() -> None:
+    """Measured: the lettering's PSNR 17.1 dB with the automatic choice (taesd3) against 16.0 with taesd."""
+    crop = crop_with_text()
+    model, auto = coded(crop, bpp=0.3)
+    _, taesd = coded(crop, bpp=0.3, model="taesd")
+    assert model == "taesd3"
+    assert psnr(auto.crop(TEXT_BOX), crop.crop(TEXT_BOX)) > psnr(taesd.crop(TEXT_BOX), crop.crop(TEXT_BOX)) + 0.5
+
+
+@pytest.mark.slow
+def test_effort_one_keeps_the_closer_of_both_models() -> None:
+    """With no model named, effort 1 codes both models in the same bytes and keeps the higher PSNR."""
+    crop = crop_with_text()
+    model, auto = coded(crop, bpp=0.15, effort=1)
+    rival = "taesd3" if model == "taesd" else "taesd"
+    _, other = coded(crop, bpp=0.15, effort=1, model=rival)
+    assert model in rate.TRIAL_MODELS
+    assert psnr(auto, crop) >= psnr(other, crop) - 0.2  # the rival here had slightly more bytes to spend
