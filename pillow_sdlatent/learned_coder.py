@@ -21,7 +21,6 @@ own-channel taps, the hidden layers and the probability tables remain.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -187,39 +186,45 @@ def _features(sym: np.ndarray, step_fx: int) -> np.ndarray:
     return np.minimum(np.maximum(x, -INPUT_LIMIT), INPUT_LIMIT).astype(np.float64)
 
 
-def _activation(pre: np.ndarray) -> np.ndarray:
-    """Hidden activations from pre-activations in activation units: floor, then clamp to [0, ACT_LIMIT], in place."""
-    np.floor(pre, out=pre)
-    np.maximum(pre, 0, out=pre)
-    return np.minimum(pre, ACT_LIMIT, out=pre)
+def _activation(pre: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Hidden activations from pre-activations in activation units: floor, then clamp to
+    [0, ACT_LIMIT], in place or into ``out``.
 
-
-def _exact_product(x: np.ndarray, w: np.ndarray, w_single: np.ndarray, w_row_max: np.ndarray) -> np.ndarray:
-    """``x @ w`` (integer inputs, weights in units 2**-WEIGHT_BITS) exactly, in float32 (about twice
-    as fast) for the rows where that is provably exact, in float64 for the others.
-
-    ``|x| @ w_row_max`` bounds every partial sum of a row's products in magnitude; below 2**24
-    units 2**-WEIGHT_BITS each partial sum is a number float32 holds exactly, whatever order BLAS
-    adds in. The rows of TAESD latents of photos almost all pass.
+    ``out`` may be float32: the clamped integers are below 2**24, and a value float32 rounds on
+    the way in lies outside [0, ACT_LIMIT] and still clamps to the same end.
     """
-    single = np.abs(x) @ w_row_max < SINGLE_EXACT_LIMIT * 2.0**-WEIGHT_BITS
+    out = np.floor(pre, out=pre if out is None else out)
+    np.maximum(out, 0, out=out)
+    return np.minimum(out, ACT_LIMIT, out=out)
+
+
+def _exact_affine(x: np.ndarray, magnitude: np.ndarray, w: np.ndarray, w_single: np.ndarray,
+                  bias: np.ndarray) -> np.ndarray:
+    """``x @ w + bias`` (integer inputs, weights in units 2**-WEIGHT_BITS) exactly, as float64; the
+    product in float32 (about twice as fast) for the rows where that is provably exact.
+
+    ``magnitude`` (per row, at least ``|x| @ max|w|`` over each row of w) bounds every partial sum of
+    a row's products; below 2**24 units 2**-WEIGHT_BITS each is a number float32 holds exactly,
+    whatever order BLAS adds in. Almost all rows of TAESD latents of photos pass.
+    """
+    single = magnitude < SINGLE_EXACT_LIMIT * 2.0**-WEIGHT_BITS
     if single.all():
-        return (x.astype(np.float32) @ w_single).astype(np.float64)
+        return x.astype(np.float32, copy=False) @ w_single + bias  # float32 + float64 adds in float64
     out = np.empty((len(x), w.shape[1]))
     out[single] = x[single].astype(np.float32) @ w_single
     out[~single] = x[~single] @ w
+    out += bias
     return out
 
 
 def _run(net: _Net, pre1: np.ndarray, step_fx: int) -> _Mixture:
     """The integer MLP from its first layer's pre-activations ``pre1`` (overwritten).
 
-    The hidden layers stay in float64: every value is an integer (times 2**-WEIGHT_BITS) below
-    2**45, so products, sums and floor are all exact there.
+    Every value is an integer (times 2**-WEIGHT_BITS) below 2**45, so float64 products, sums and
+    floor are all exact; float32 only where _exact_affine proves it exact.
     """
-    h = _exact_product(_activation(pre1), net.w2, net.w2_single, net.w2_row_max)
-    h += net.b2
-    h = _activation(h) @ net.w3
+    h = _activation(pre1, np.empty(pre1.shape, dtype=np.float32))
+    h = _activation(_exact_affine(h, h @ net.w2_row_max, net.w2, net.w2_single, net.b2)) @ net.w3
     h += net.b3
     out = h.astype(np.int64)
     k = net.mixtures
@@ -264,10 +269,8 @@ class _Model:
         """The earlier channels' share of the first layer at ``pos`` of channel ``ch``, bias included."""
         rows = slice(len(SAME_TAPS), len(SAME_TAPS) + len(self.prev_taps[ch]))
         net = self.net
-        pre = _exact_product(feat[pos[:, None] + self.prev_taps[ch]], net.w1[rows], net.w1_single[rows],
-                             net.w1_row_max[rows])
-        pre += self.bias1[ch]
-        return pre
+        x = feat[pos[:, None] + self.prev_taps[ch]]
+        return _exact_affine(x, np.abs(x) @ net.w1_row_max[rows], net.w1[rows], net.w1_single[rows], self.bias1[ch])
 
     def mixture(self, feat: np.ndarray, pos: np.ndarray, ch: int) -> _Mixture:
         """The distributions at ``pos`` of channel ``ch`` from the network inputs ``feat`` (see _features)."""

@@ -94,7 +94,7 @@ class RansEncoder:
         """
         starts, freqs = start.tolist(), freq.tolist()
         escaped = np.flatnonzero(excess)
-        escapes_before = np.searchsorted(escaped, [b for b, _ in steps]).tolist() + [len(escaped)]
+        escapes_before = [*np.searchsorted(escaped, [b for b, _ in steps]).tolist(), len(escaped)]
         escaped_list, excess_list = escaped.tolist(), excess[escaped].tolist()
         lanes = self.lanes
         for wave in range(len(steps) - 1, -1, -1):
