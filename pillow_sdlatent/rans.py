@@ -1,4 +1,4 @@
-"""Interleaved rANS over numpy lanes, and the input checks, shared by the context coders.
+"""Interleaved rANS lanes, and the input checks, shared by the context coders.
 
 Symbols are coded in *pieces*: a run of at most ``lanes`` symbols whose i-th symbol uses lane i.
 Each symbol is an interval ``[start, start + freq)`` of a ``PROB_SCALE`` total. A symbol outside its
@@ -7,6 +7,9 @@ uniform 5-bit step over the escaped lanes (bit count n of the excess v >= 1), a 
 min(n, 8) bits of v and, for lanes with n > 8, one with the other n - 8 bits. After each step every
 lane of the step whose state fell below ``RANS_LOW`` reads one 16-bit word, lanes in increasing
 order. The encoder runs the same steps in reverse.
+
+Lane states are Python integers, stepped symbol by symbol: a wavefront holds a few dozen symbols,
+too few for numpy calls (a microsecond each) to pay off against one ``bisect`` per symbol.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ MAX_SYMBOL = 32767  # symbols are 16-bit signed
 
 
 def lane_count(n_symbols: int, largest_wavefront: int) -> int:
-    """Lanes for a latent of ``n_symbols``: more mean fewer numpy steps but cost 4 bytes each, and no
-    step holds more symbols than the largest wavefront."""
+    """Lanes for a latent of ``n_symbols`` (the format fixes this rule): each costs 4 bytes of state,
+    and no step holds more symbols than the largest wavefront."""
     return min(max(4, min(128, n_symbols // 3072)), largest_wavefront)
 
 
@@ -54,10 +57,7 @@ def in_symbol_range(s: np.ndarray) -> bool:
 
 
 class RansEncoder:
-    """Codes in reverse of the decoding order, one Python integer state per lane.
-
-    Per-symbol Python integers cost less than numpy calls on pieces of a few lanes each.
-    """
+    """Codes in reverse of the decoding order, one Python integer state per lane."""
 
     def __init__(self, lanes: int) -> None:
         self.lanes = lanes
@@ -113,8 +113,7 @@ class RansEncoder:
 
 
 class RansDecoder:
-    """Decodes with one Python integer state per lane: a wavefront holds a few dozen symbols, too
-    few for numpy calls to pay off, and Python's integers make every step exact."""
+    """Decodes with one Python integer state per lane."""
 
     def __init__(self, payload: bytes, lanes: int, n_symbols: int, name: str) -> None:
         self.name = name
