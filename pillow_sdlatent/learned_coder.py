@@ -77,8 +77,8 @@ MAX_RADIUS = 64
 class _Net:
     """The integer network and its lookup tables, as loaded from WEIGHTS_FILE."""
 
-    # float64 integers; w1, b1, w_cond, w2 and b2 pre-multiplied by 2**-WEIGHT_BITS (exact), so that the
-    # hidden layers' pre-activations come out in activation units, ready for floor
+    # float64: the file's integers (units below), w1, b1, w_cond, w2 and b2 multiplied by 2**-WEIGHT_BITS
+    # (exact), so that the hidden layers' pre-activations come out in activation units, ready for floor
     w1: np.ndarray  # (N_INPUTS, H) units 2**-WEIGHT_BITS
     b1: np.ndarray  # (CHANNELS, H), units 2**-ACC_BITS (channel one-hot folded in)
     w_cond: np.ndarray  # (H,), per 1/16 of log2(step), units 2**-ACC_BITS
@@ -92,7 +92,7 @@ class _Net:
     sigmoid: np.ndarray  # (2 * SIG_HALF + 1,) int64
     exp_table: np.ndarray  # int64, exp(-i / EXP_STEPS) * 2**16
     # w1 and w2 as float32 (exact: their integers stay below 2**24), and the largest |weight| of each
-    # row, for _exact_product
+    # row, for _exact_affine
     w1_single: np.ndarray
     w1_row_max: np.ndarray
     w2_single: np.ndarray
