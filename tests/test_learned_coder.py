@@ -81,6 +81,20 @@ def test_frozen_stream_decodes() -> None:
     np.testing.assert_array_equal(decoded, sample_symbols(4))
 
 
+def test_float32_products_only_where_provably_exact() -> None:
+    """Rows whose partial sums could leave float32's exact integers take float64; both are exact."""
+    rng = np.random.default_rng(0)
+    weights, bias = rng.integers(-1500, 1500, (256, 16)), rng.integers(-(1 << 30), 1 << 30, 16)
+    x = rng.integers(0, 1 << 16, (40, 256))
+    x[:20] = rng.integers(0, 40, (20, 256))  # activations this small pass the bound
+    w = weights * 2.0**-ctx2.WEIGHT_BITS
+    magnitude = x @ np.abs(w).max(1)
+    assert 0 < np.count_nonzero(magnitude < 2.0 ** (24 - ctx2.WEIGHT_BITS)) < len(x)
+    got = ctx2._exact_affine(x.astype(np.float64), magnitude, w, w.astype(np.float32),
+                                      bias * 2.0**-ctx2.WEIGHT_BITS)
+    np.testing.assert_array_equal(got * 2.0**ctx2.WEIGHT_BITS, x @ weights + bias)
+
+
 def test_shipped_weights_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A weights file other than the one the format was frozen with is refused, not used."""
     assert hashlib.sha256(ctx2.WEIGHTS_FILE.read_bytes()).hexdigest() == ctx2.WEIGHTS_SHA256

@@ -9,10 +9,10 @@ width tables are fitted per image by the encoder and stored in ``params``.
 Every probability the decoder uses comes from integer arithmetic only, so a
 file decodes identically on any platform. FORMAT.md ("ctx1") has the layout.
 
-Decoding is vectorised over wavefronts: symbol (c, y, x) belongs to wavefront
-``2*y + x + 4*c``, and every neighbour it is predicted from lies on an earlier
-one, so each wavefront is predicted in one numpy step and its symbols are
-decoded by interleaved rANS lanes in parallel.
+Decoding is vectorised over wavefronts (``wavefront.py``): symbol (c, y, x)
+belongs to wavefront ``2*y + x + 4*c``, and every neighbour it is predicted from
+lies on an earlier one, so each wavefront is predicted in one numpy step and its
+symbols are decoded by interleaved rANS lanes.
 """
 
 from __future__ import annotations
@@ -34,10 +34,8 @@ from .rans import (
     RansEncoder,
     checked_shape,
     checked_symbols,
-    in_symbol_range,
-    lane_count,
-    zero_padded,
 )
+from .wavefront import WavefrontLayout, decode_wavefronts, wavefront_layout
 
 # --- probability tables -----------------------------------------------------
 
@@ -46,7 +44,6 @@ FRAC = 1 << FRAC_BITS
 N_SCALES = 32
 SHAPE_POWER = 8  # weight (1 + u^2 / 16) ** -8: a Student-t with 15 degrees of freedom
 MU_LIMIT = MAX_SYMBOL * FRAC
-ESCAPE_MARK = 1 << 40  # decoder-side delta of escape entries, far outside any symbol range
 
 
 def _scale_grid() -> list[int]:
@@ -69,8 +66,7 @@ class _Tables:
     freq: np.ndarray  # int64 frequency of every entry
     offset: np.ndarray  # int64 index of each table's first entry
     radius: np.ndarray  # int64 R of each table
-    ends: np.ndarray  # int64 tid * PROB_SCALE + start + freq: sorted, for slot -> entry search
-    delta: np.ndarray  # int64 d of every entry; -+ESCAPE_MARK for the escapes
+    bounds: tuple[list[int], ...]  # per table: its entry boundaries 0 .. PROB_SCALE, for the decoder
 
 
 def _bell_frequencies(width256: int, frac: int, radius: int) -> np.ndarray:
@@ -101,12 +97,8 @@ def _tables() -> _Tables:
     radius = np.asarray(radii, dtype=np.int64)
     freq = np.concatenate(freqs)
     start = np.concatenate([np.cumsum(f) - f for f in freqs])
-    tid = np.repeat(np.arange(len(freqs), dtype=np.int64), sizes)
-    entry = np.arange(freq.size, dtype=np.int64) - offset[tid]
-    delta = entry - radius[tid] - 1
-    delta[entry == 0] = -ESCAPE_MARK
-    delta[entry == 2 * radius[tid] + 3] = ESCAPE_MARK
-    return _Tables(start, freq, offset, radius, tid * PROB_SCALE + start + freq, delta)
+    bounds = tuple([0, *np.cumsum(f).tolist()] for f in freqs)
+    return _Tables(start, freq, offset, radius, bounds)
 
 
 # --- context model -------------------------------------------------------------
@@ -142,55 +134,27 @@ N_CTX = 16
 CTX_EDGES = np.asarray([math.isqrt(1 << (10 + k)) for k in range(N_CTX - 1)], dtype=np.int64)
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Coding order of a (C, H, W) latent held in a zero-padded flat copy.
-
-    Symbols are coded wavefront by wavefront (``2*y + x + CHANNEL_SKEW*c``
-    increasing), inside one by channel, then row. A wavefront's symbols depend
-    only on earlier wavefronts, so the decoder handles each in one step.
-    """
-
-    shape: tuple[int, int, int]
-    stride: int  # padded row length
-    plane: int  # padded channel size
-    pos: np.ndarray  # int64 padded flat index of every symbol, coding order
-    chan: np.ndarray  # int64 channel of every symbol, coding order
-    steps: tuple[tuple[int, int], ...]  # [begin, end) of each non-empty wavefront
-    lanes: int  # rANS lanes: the most symbols one rANS step handles
+def _layout(shape: tuple[int, int, int]) -> WavefrontLayout:
+    """Wavefronts ``2*y + x + CHANNEL_SKEW*c``: a wavefront's symbols depend only on earlier ones."""
+    return wavefront_layout(shape, PAD, 2, CHANNEL_SKEW)
 
 
-def _layout(shape: tuple[int, int, int]) -> _Layout:
-    c, h, w = shape
-    stride = w + 2 * PAD
-    plane = (h + 2 * PAD) * stride
-    ch, rest = np.divmod(np.arange(c * h * w, dtype=np.int64), h * w)
-    ys, xs = np.divmod(rest, w)
-    wave = 2 * ys + xs + CHANNEL_SKEW * ch
-    order = np.argsort((wave * c + ch) * h + ys)
-    counts = np.bincount(wave)
-    ends = np.cumsum(counts)
-    steps = tuple((b, e) for b, e in zip((ends - counts).tolist(), ends.tolist(), strict=True) if e > b)
-    pos = ch[order] * plane + (ys[order] + PAD) * stride + xs[order] + PAD
-    return _Layout(shape, stride, plane, pos, ch[order], steps, lane_count(c * h * w, int(counts.max())))
-
-
-def _prediction_taps(stride: int, plane: int, c: int) -> list[int]:
+def _prediction_taps(lay: WavefrontLayout, c: int) -> list[int]:
     """Flat offsets of the predictor taps of channel ``c``, in the order of its weights."""
-    offs = [dy * stride + dx for dy, dx in SAME_TAPS]
+    taps = [(0, dy, dx) for dy, dx in SAME_TAPS]
     for prev in range(c):
         if prev >= c - PREV_WINDOW_CHANNELS:
-            offs += [(prev - c) * plane + dy * stride + dx for dy, dx in PREV_TAPS]
+            taps += [(prev - c, dy, dx) for dy, dx in PREV_TAPS]
         else:
-            offs.append((prev - c) * plane)
-    return offs
+            taps.append((prev - c, 0, 0))
+    return lay.offsets(taps).tolist()
 
 
-def _activity_taps(stride: int, plane: int, c: int) -> list[tuple[int, int]]:
-    taps = [(dy * stride + dx, wt) for dy, dx, wt in SAME_ACTIVITY]
+def _activity_taps(lay: WavefrontLayout, c: int) -> list[tuple[int, int]]:
+    taps = [(0, dy, dx, wt) for dy, dx, wt in SAME_ACTIVITY]
     for prev in range(max(0, c - PREV_ACTIVITY_CHANNELS), c):
-        taps += [((prev - c) * plane + dy * stride + dx, wt) for dy, dx, wt in PREV_ACTIVITY]
-    return taps
+        taps += [(prev - c, dy, dx, wt) for dy, dx, wt in PREV_ACTIVITY]
+    return list(zip(lay.offsets(t[:3] for t in taps).tolist(), [t[3] for t in taps], strict=True))
 
 
 def _n_weights(c: int) -> int:
@@ -216,10 +180,10 @@ class _Model:
     scales: np.ndarray  # (C * N_CTX,) width index per (channel, context)
 
     @classmethod
-    def build(cls, lay: _Layout, weights: list[list[int]], bias: list[int], scales: list[list[int]]) -> _Model:
+    def build(cls, lay: WavefrontLayout, weights: list[list[int]], bias: list[int], scales: list[list[int]]) -> _Model:
         chans = range(lay.shape[0])
-        taps = [_prediction_taps(lay.stride, lay.plane, c) for c in chans]
-        acts = [_activity_taps(lay.stride, lay.plane, c) for c in chans]
+        taps = [_prediction_taps(lay, c) for c in chans]
+        acts = [_activity_taps(lay, c) for c in chans]
         n_taps, n_acts = len(taps[-1]), len(acts[-1])
         return cls(
             _padded(taps, n_taps),
@@ -427,7 +391,7 @@ def _read_channel(r: _BitReader, n_weights: int) -> tuple[list[int], int, list[i
     return weights, bias, scales
 
 
-def _encode_symbols(s: np.ndarray, mu: np.ndarray, scale: np.ndarray, lay: _Layout) -> bytes:
+def _encode_symbols(s: np.ndarray, mu: np.ndarray, scale: np.ndarray, lay: WavefrontLayout) -> bytes:
     """rANS-code symbols ``s`` (coding order) given their predictions and width indices."""
     t = _tables()
     tid = scale * FRAC + (mu & (FRAC - 1))
@@ -441,31 +405,34 @@ def _encode_symbols(s: np.ndarray, mu: np.ndarray, scale: np.ndarray, lay: _Layo
     return enc.getvalue()
 
 
-def _decode_wavefront(dec: RansDecoder, tid: np.ndarray, lanes: int) -> np.ndarray:
-    """Decode the symbols of one wavefront (one per lane and piece) coded with tables ``tid``; their deltas."""
-    t = _tables()
-    key = tid * PROB_SCALE
-    d = np.empty(len(tid), dtype=np.int64)
-    for k in range(0, len(tid), lanes):
-        kk = key[k : k + lanes]
-        j = np.searchsorted(t.ends, kk + dec.slots(len(kk)), side="right")
-        dec.advance(t.start[j], t.freq[j])
-        d[k : k + lanes] = t.delta[j]
-    radius = t.radius[tid]
-    for k in range(0, len(tid), lanes):
-        esc = (np.abs(d[k : k + lanes]) == ESCAPE_MARK).nonzero()[0]
-        if esc.size:
-            g = esc + k
-            v = dec.excess(esc)
-            d[g] = np.where(d[g] < 0, -radius[g] - v, radius[g] + 1 + v)
-    return d
+class _Decoding:
+    """The model state while decoding: symbols and prediction errors so far (``WavefrontModel``)."""
+
+    def __init__(self, lay: WavefrontLayout, model: _Model) -> None:
+        self.lay, self.model = lay, model
+        self.sym = np.zeros(lay.shape[0] * lay.plane, dtype=np.int64)
+        self.err = np.zeros_like(self.sym)
+        self.mu = self.sym[:0]
+
+    def tables(self, begin: int, end: int) -> tuple[list[list[int]], np.ndarray]:
+        pos, chans = self.lay.pos[begin:end], self.lay.chan[begin:end]
+        self.mu = self.model.predict(self.sym, pos, chans)
+        ctx = self.model.contexts(self.err, pos, chans)
+        tid = self.model.scales[chans * N_CTX + ctx] * FRAC + (self.mu & (FRAC - 1))
+        t = _tables()
+        return [t.bounds[i] for i in tid.tolist()], (self.mu >> FRAC_BITS) - t.radius[tid]
+
+    def store(self, begin: int, end: int, symbols: np.ndarray) -> None:
+        pos = self.lay.pos[begin:end]
+        self.sym[pos] = symbols
+        self.err[pos] = np.minimum(np.abs(symbols * FRAC - self.mu), ERROR_LIMIT)
 
 
 # --- the coder --------------------------------------------------------------------------
 
 
 def _try_channel(
-    sym: np.ndarray, err: np.ndarray, lay: _Layout, c: int, pos: np.ndarray, weights: list[int], bias: int
+    sym: np.ndarray, err: np.ndarray, lay: WavefrontLayout, c: int, pos: np.ndarray, weights: list[int], bias: int
 ) -> tuple[float, list[int], int, list[int], np.ndarray, np.ndarray]:
     """Estimated bits of channel ``c`` under one predictor, with what coding it needs.
 
@@ -494,7 +461,7 @@ class ContextCoder:
             return b"", b""
         ch, h, w = sym3.shape
         lay = _layout((ch, h, w))
-        sym = zero_padded(sym3, PAD)
+        sym = lay.padded(sym3)
         err = np.zeros_like(sym)
         mu_all = np.zeros_like(sym)
         scale_all = np.zeros_like(sym)
@@ -502,7 +469,7 @@ class ContextCoder:
         writer = _BitWriter()
         for c in range(ch):
             pos = inner.ravel() + c * lay.plane
-            fitted = _fit_weights(sym, pos, _prediction_taps(lay.stride, lay.plane, c))
+            fitted = _fit_weights(sym, pos, _prediction_taps(lay, c))
             flat = ([0] * len(fitted[0]), int(np.rint(np.median(sym[pos]) * (1 << WEIGHT_BITS))))
             best = min((_try_channel(sym, err, lay, c, pos, *cand) for cand in (fitted, flat)), key=lambda r: r[0])
             _, wts, bias, scales, mu, ctx = best
@@ -524,17 +491,6 @@ class ContextCoder:
         reader.finish()
         lay = _layout((ch, h, w))
         model = _Model.build(lay, *(list(f) for f in zip(*fields, strict=True)))
-        dec = RansDecoder(payload, lay.lanes, ch * h * w, "ctx coder")
-        sym = np.zeros(ch * lay.plane, dtype=np.int64)
-        err = np.zeros_like(sym)
-        for b, e in lay.steps:
-            pos, chans = lay.pos[b:e], lay.chan[b:e]
-            mu = model.predict(sym, pos, chans)
-            tid = model.scales[chans * N_CTX + model.contexts(err, pos, chans)] * FRAC + (mu & (FRAC - 1))
-            s = (mu >> FRAC_BITS) + _decode_wavefront(dec, tid, lay.lanes)
-            if not in_symbol_range(s):
-                raise ValueError("ctx coder payload decodes to an out-of-range symbol")
-            sym[pos] = s
-            err[pos] = np.minimum(np.abs(s * FRAC - mu), ERROR_LIMIT)
-        dec.finish()
-        return sym.reshape(ch, h + 2 * PAD, w + 2 * PAD)[:, PAD : PAD + h, PAD : PAD + w].astype(np.int32)
+        decoding = _Decoding(lay, model)
+        decode_wavefronts(RansDecoder(payload, lay.lanes, ch * h * w, "ctx coder"), lay, decoding, "ctx coder")
+        return lay.unpadded(decoding.sym)

@@ -7,17 +7,20 @@ outside the test sets (``training/train_ctx2.py``) and ships inside the package;
 stores only two bytes: the conditioning step the encoder found best and the window radius.
 
 Everything a probability depends on is integer arithmetic: integer weights, shifts, clamps and
-lookup tables. The matrix products run as float64 BLAS calls on integer values whose every partial
-sum is bounded below 2**53 (checked when the weights load), which IEEE-754 computes exactly in any
-order, so a file decodes identically on every platform. FORMAT.md ("ctx2") has the arithmetic.
+lookup tables. The matrix products run as float64 BLAS calls on integer values (scaled by powers
+of two) whose every partial sum is bounded below 2**53 (checked when the weights load), which
+IEEE-754 computes exactly in any order, so a file decodes identically on every platform. FORMAT.md
+("ctx2") has the arithmetic.
 
-Decoding runs channel by channel over wavefronts ``WAVE_SLOPE*y + x``: every tap of a symbol lies on an
-earlier wavefront, so each wavefront is one batched network evaluation plus interleaved rANS lanes.
+Decoding runs channel by channel over wavefronts ``WAVE_SLOPE*y + x`` (``wavefront.py``): every tap of
+a symbol lies on an earlier wavefront, so each wavefront is one batched network evaluation plus
+interleaved rANS lanes. The earlier channels' share of the first layer is known before a channel
+starts, so it runs as one large product per channel (in blocks); per wavefront only the 24
+own-channel taps, the hidden layers and the probability tables remain.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -33,10 +36,8 @@ from .rans import (
     RansEncoder,
     checked_shape,
     checked_symbols,
-    in_symbol_range,
-    lane_count,
-    zero_padded,
 )
+from .wavefront import WavefrontLayout, decode_wavefronts, wavefront_layout
 
 WEIGHTS_FILE = WEIGHTS_DIR / "ctx2_sd1.safetensors"
 #: SHA-256 of WEIGHTS_FILE: a file coded with other weights would decode to garbage, so refuse them
@@ -68,6 +69,7 @@ SIG_BITS = 16
 INV_SCALE_BITS = 16
 EXP_STEPS = 16  # mixture weight table: exp(-i / 16) * 2**16
 EXACT_LIMIT = 1 << 53
+SINGLE_EXACT_LIMIT = 1 << 24  # float32 holds every integer below this exactly
 MAX_RADIUS = 64
 
 
@@ -75,18 +77,26 @@ MAX_RADIUS = 64
 class _Net:
     """The integer network and its lookup tables, as loaded from WEIGHTS_FILE."""
 
-    w1: np.ndarray  # (N_INPUTS, H) float64 holding integers, units 2**-WEIGHT_BITS
+    # float64: the file's integers (units below), w1, b1, w_cond, w2 and b2 multiplied by 2**-WEIGHT_BITS
+    # (exact), so that the hidden layers' pre-activations come out in activation units, ready for floor
+    w1: np.ndarray  # (N_INPUTS, H) units 2**-WEIGHT_BITS
     b1: np.ndarray  # (CHANNELS, H), units 2**-ACC_BITS (channel one-hot folded in)
     w_cond: np.ndarray  # (H,), per 1/16 of log2(step), units 2**-ACC_BITS
     w2: np.ndarray  # (H, H)
     b2: np.ndarray  # (H,)
-    w3: np.ndarray  # (H, 3K): K means, K log-scales, K mixture logits
+    w3: np.ndarray  # (H, 3K): K means, K log-scales, K mixture logits (not scaled)
     b3: np.ndarray  # (3K,)
     step_table: np.ndarray  # (256,) int64
     inv_scale: np.ndarray  # int64, 2**INV_SCALE_BITS / scale at log-scale index i + LOG_SCALE_MIN
     log_scale_min: int
     sigmoid: np.ndarray  # (2 * SIG_HALF + 1,) int64
     exp_table: np.ndarray  # int64, exp(-i / EXP_STEPS) * 2**16
+    # w1 and w2 as float32 (exact: their integers stay below 2**24), and the largest |weight| of each
+    # row, for _exact_affine
+    w1_single: np.ndarray
+    w1_row_max: np.ndarray
+    w2_single: np.ndarray
+    w2_row_max: np.ndarray
 
     @property
     def mixtures(self) -> int:
@@ -132,50 +142,19 @@ def _load_net() -> _Net:
         ACT_LIMIT * int(np.abs(t["w2"]).sum(0).max()) + int(np.abs(t["b2"]).max()),
         ACT_LIMIT * int(np.abs(t["w3"]).sum(0).max()) + int(np.abs(t["b3"]).max()),
     )
-    if max(bounds) >= EXACT_LIMIT >> 8:
+    if max(bounds) >= EXACT_LIMIT >> 8 or max(np.abs(t[k]).max() for k in ("w1", "w2")) >= SINGLE_EXACT_LIMIT:
         raise OSError(f"{WEIGHTS_FILE} holds weights too large for exact arithmetic")
-    exact = {k: t[k].astype(np.float64) for k in ("w1", "b1", "w_cond", "w2", "b2", "w3", "b3")}
+    exact = {k: t[k] * 2.0**-WEIGHT_BITS for k in ("w1", "b1", "w_cond", "w2", "b2")}
+    exact.update({k: t[k].astype(np.float64) for k in ("w3", "b3")})
     return _Net(**exact, step_table=t["step_table"], inv_scale=inv, log_scale_min=int(t["log_scale_min"][0]),
-                sigmoid=sig, exp_table=exp_table)
+                sigmoid=sig, exp_table=exp_table,
+                w1_single=exact["w1"].astype(np.float32), w1_row_max=np.abs(exact["w1"]).max(1),
+                w2_single=exact["w2"].astype(np.float32), w2_row_max=np.abs(exact["w2"]).max(1))
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Coding order of a (CHANNELS, H, W) latent held in a zero-padded flat copy."""
-
-    shape: tuple[int, int, int]
-    pos: np.ndarray  # int64 padded flat index of every symbol, coding order
-    steps: tuple[tuple[int, int], ...]  # [begin, end) of each wavefront, coding order
-    taps: tuple[np.ndarray, ...]  # per channel: flat offsets of its inputs
-    columns: tuple[np.ndarray, ...]  # per channel: which rows of w1 those inputs use
-    lanes: int
-
-
-@functools.lru_cache(maxsize=8)
-def _layout(shape: tuple[int, int, int]) -> _Layout:
-    c, h, w = shape
-    stride = w + 2 * PAD
-    plane = (h + 2 * PAD) * stride
-    ys, xs = np.divmod(np.arange(h * w, dtype=np.int64), w)
-    wave = WAVE_SLOPE * ys + xs
-    order = np.lexsort((ys, wave))
-    counts = np.bincount(wave)
-    ends = np.cumsum(counts)
-    waves = [(b, e) for b, e in zip((ends - counts).tolist(), ends.tolist(), strict=True) if e > b]
-    plane_pos = (ys[order] + PAD) * stride + xs[order] + PAD
-    pos = np.concatenate([plane_pos + ch * plane for ch in range(c)])
-    steps = tuple((b + ch * h * w, e + ch * h * w) for ch in range(c) for b, e in waves)
-    taps, columns = [], []
-    for ch in range(c):
-        offs = [dy * stride + dx for dy, dx in SAME_TAPS]
-        cols = list(range(len(SAME_TAPS)))
-        for prev in range(ch):
-            offs += [(prev - ch) * plane + dy * stride + dx for dy, dx in PREV_TAPS]
-            first = len(SAME_TAPS) + prev * len(PREV_TAPS)
-            cols += range(first, first + len(PREV_TAPS))
-        taps.append(np.asarray(offs, dtype=np.int64))
-        columns.append(np.asarray(cols, dtype=np.int64))
-    return _Layout(shape, pos, steps, tuple(taps), tuple(columns), lane_count(c * h * w, int(counts.max())))
+def _layout(shape: tuple[int, int, int]) -> WavefrontLayout:
+    """Channel after channel, wavefronts ``WAVE_SLOPE*y + x``: every own-channel tap lies on an earlier one."""
+    return wavefront_layout(shape, PAD, WAVE_SLOPE, None)
 
 
 @dataclass(frozen=True)
@@ -190,43 +169,75 @@ class _Mixture:
 
     def cdf(self, edge: np.ndarray) -> np.ndarray:
         """Unnormalised mixture CDF at the symbol edges ``edge - 1/2``; ``edge`` is (N,) or (N, E)."""
-        e = edge[..., None] if edge.ndim == 2 else edge[:, None]
-        mu = self.mu[:, None, :] if edge.ndim == 2 else self.mu
-        inv = self.inv[:, None, :] if edge.ndim == 2 else self.inv
-        wt = self.weight[:, None, :] if edge.ndim == 2 else self.weight
-        z = ((e << MU_BITS) - (1 << (MU_BITS - 1)) - mu) * inv  # units 2**-(MU_BITS + INV_SCALE_BITS)
+        wide = edge.ndim == 2
+        mu = self.mu[:, None, :] if wide else self.mu
+        inv = self.inv[:, None, :] if wide else self.inv
+        wt = self.weight[:, None, :] if wide else self.weight
+        z = ((edge[..., None] << MU_BITS) - (1 << (MU_BITS - 1)) - mu) * inv  # units 2**-(MU_BITS + INV_SCALE_BITS)
         shift = MU_BITS + INV_SCALE_BITS - 5  # SIG_RES = 2**5
-        idx = np.clip((z + (1 << (shift - 1))) >> shift, -SIG_HALF, SIG_HALF) + SIG_HALF
-        return (self.sigmoid[idx] * wt).sum(-1)
+        # index round(z) + SIG_HALF, clamped to the table: take's "clip" mode is the clamp
+        idx = (z + ((1 << (shift - 1)) + (SIG_HALF << shift))) >> shift
+        return (np.take(self.sigmoid, idx, mode="clip") * wt).sum(-1)
 
 
-def _features(sym: np.ndarray, pos: np.ndarray, taps: np.ndarray, step_fx: int) -> np.ndarray:
-    """Network inputs at flat positions ``pos``: neighbours in latent units * 2**INPUT_BITS, clamped."""
-    x = sym[pos[:, None] + taps] * step_fx >> (STEP_BITS - INPUT_BITS)
-    return np.clip(x, -INPUT_LIMIT, INPUT_LIMIT).astype(np.float64)
+def _features(sym: np.ndarray, step_fx: int) -> np.ndarray:
+    """Network inputs of symbols: latent units * 2**INPUT_BITS, clamped, as float64."""
+    x = sym * step_fx >> (STEP_BITS - INPUT_BITS)
+    return np.minimum(np.maximum(x, -INPUT_LIMIT), INPUT_LIMIT).astype(np.float64)
 
 
-def _run(net: _Net, x: np.ndarray, w1: np.ndarray, bias1: np.ndarray, step_fx: int) -> _Mixture:
-    """The integer MLP on inputs ``x`` with layer-1 weights ``w1`` and folded bias ``bias1``.
+def _activation(pre: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Hidden activations from pre-activations in activation units: floor, then clamp to
+    [0, ACT_LIMIT], in place or into ``out``.
 
-    The hidden layers stay in float64: every value is an integer below 2**45, so products, sums,
-    the scaling by 2**-WEIGHT_BITS and floor are all exact there.
+    ``out`` may be float32: the clamped integers are below 2**24, and a value float32 rounds on
+    the way in lies outside [0, ACT_LIMIT] and still clamps to the same end.
     """
-    scale = 2.0**-WEIGHT_BITS
-    h = np.clip(np.floor((x @ w1 + bias1) * scale), 0, ACT_LIMIT)
-    h = np.clip(np.floor((h @ net.w2 + net.b2) * scale), 0, ACT_LIMIT)
-    out = (h @ net.w3 + net.b3).astype(np.int64)
+    out = np.floor(pre, out=pre if out is None else out)
+    np.maximum(out, 0, out=out)
+    return np.minimum(out, ACT_LIMIT, out=out)
+
+
+def _exact_affine(x: np.ndarray, magnitude: np.ndarray, w: np.ndarray, w_single: np.ndarray,
+                  bias: np.ndarray) -> np.ndarray:
+    """``x @ w + bias`` (integer inputs, weights in units 2**-WEIGHT_BITS) exactly, as float64; the
+    product in float32 (about twice as fast) for the rows where that is provably exact.
+
+    ``magnitude`` (per row, at least ``|x| @ max|w|`` over each row of w) bounds every partial sum of
+    a row's products; below 2**24 units 2**-WEIGHT_BITS each is a number float32 holds exactly,
+    whatever order BLAS adds in. Almost all rows of TAESD latents of photos pass.
+    """
+    single = magnitude < SINGLE_EXACT_LIMIT * 2.0**-WEIGHT_BITS
+    if single.all():
+        return x.astype(np.float32, copy=False) @ w_single + bias  # float32 + float64 adds in float64
+    out = np.empty((len(x), w.shape[1]))
+    out[single] = x[single].astype(np.float32) @ w_single
+    out[~single] = x[~single] @ w
+    out += bias
+    return out
+
+
+def _run(net: _Net, pre1: np.ndarray, step_fx: int) -> _Mixture:
+    """The integer MLP from its first layer's pre-activations ``pre1`` (overwritten).
+
+    Every value is an integer (times 2**-WEIGHT_BITS) below 2**45, so float64 products, sums and
+    floor are all exact; float32 only where _exact_affine proves it exact.
+    """
+    h = _activation(pre1, np.empty(pre1.shape, dtype=np.float32))
+    h = _activation(_exact_affine(h, h @ net.w2_row_max, net.w2, net.w2_single, net.b2)) @ net.w3
+    h += net.b3
+    out = h.astype(np.int64)
     k = net.mixtures
     # mean: latent units * 2**-ACC_BITS -> symbol units * 2**MU_BITS, i.e. / (step * 2**(ACC_BITS - MU_BITS))
     mu = (out[:, :k] << (STEP_BITS + MU_BITS - ACC_BITS)) // step_fx
-    mu = np.clip(mu, -MAX_SYMBOL << MU_BITS, MAX_SYMBOL << MU_BITS)
+    mu = np.minimum(np.maximum(mu, -MAX_SYMBOL << MU_BITS), MAX_SYMBOL << MU_BITS)
     ls_shift = ACC_BITS - 4  # LOG_SCALE_STEPS = 2**4
-    li = np.clip((out[:, k : 2 * k] + (1 << (ls_shift - 1))) >> ls_shift, net.log_scale_min,
-                 net.log_scale_min + len(net.inv_scale) - 1)
-    inv = net.inv_scale[li - net.log_scale_min]
+    # log-scale index round(out) - log_scale_min, clamped to the table by take's "clip" mode
+    li = (out[:, k : 2 * k] + ((1 << (ls_shift - 1)) - (net.log_scale_min << ls_shift))) >> ls_shift
+    inv = np.take(net.inv_scale, li, mode="clip")
     logits = out[:, 2 * k :]
-    below_max = (logits.max(1, keepdims=True) - logits + (1 << (ls_shift - 1))) >> ls_shift
-    weight = net.exp_table[np.clip(below_max, 0, len(net.exp_table) - 1)]
+    below_max = (logits.max(1, keepdims=True) + (1 << (ls_shift - 1)) - logits) >> ls_shift  # >= 0
+    weight = np.take(net.exp_table, below_max, mode="clip")
     centre = ((mu * weight).sum(1) // weight.sum(1) + (1 << (MU_BITS - 1))) >> MU_BITS
     return _Mixture(mu, inv, weight, centre, net.sigmoid)
 
@@ -236,46 +247,70 @@ ENCODE_BLOCK = 1 << 14  # symbols the encoder runs the network on at once, bound
 
 @dataclass(frozen=True)
 class _Model:
-    """The network set up for one image: its conditioning step folded into the first layer."""
+    """The network set up for one image: its conditioning step folded into the first layer's bias."""
 
     net: _Net
-    lay: _Layout
+    lay: WavefrontLayout
     step_fx: int
-    w1: tuple[np.ndarray, ...]  # per channel: the rows of w1 its inputs use
-    bias1: tuple[np.ndarray, ...]
+    same_taps: np.ndarray  # flat offsets of the own-channel taps (the first rows of w1)
+    prev_taps: tuple[np.ndarray, ...]  # per channel: flat offsets of the earlier channels' windows
+    bias1: tuple[np.ndarray, ...]  # per channel, units of activations
 
     @classmethod
-    def build(cls, lay: _Layout, cond: int) -> _Model:
+    def build(cls, lay: WavefrontLayout, cond: int) -> _Model:
         net = _net()
         cond_bias = net.w_cond * (cond - COND_ZERO)
-        return cls(net, lay, int(net.step_table[cond]), tuple(net.w1[cols] for cols in lay.columns),
-                   tuple(net.b1[ch] + cond_bias for ch in range(lay.shape[0])))
+        prev_taps = tuple(lay.offsets((prev - ch, dy, dx) for prev in range(ch) for dy, dx in PREV_TAPS)
+                          for ch in range(lay.shape[0]))
+        return cls(net, lay, int(net.step_table[cond]), lay.offsets((0, dy, dx) for dy, dx in SAME_TAPS),
+                   prev_taps, tuple(net.b1[ch] + cond_bias for ch in range(lay.shape[0])))
 
-    def mixture(self, sym: np.ndarray, pos: np.ndarray, ch: int) -> _Mixture:
-        x = _features(sym, pos, self.lay.taps[ch], self.step_fx)
-        return _run(self.net, x, self.w1[ch], self.bias1[ch], self.step_fx)
+    def prev_layer1(self, feat: np.ndarray, pos: np.ndarray, ch: int) -> np.ndarray:
+        """The earlier channels' share of the first layer at ``pos`` of channel ``ch``, bias included."""
+        rows = slice(len(SAME_TAPS), len(SAME_TAPS) + len(self.prev_taps[ch]))
+        net = self.net
+        x = feat[pos[:, None] + self.prev_taps[ch]]
+        return _exact_affine(x, np.abs(x) @ net.w1_row_max[rows], net.w1[rows], net.w1_single[rows], self.bias1[ch])
 
-    def mixture_all(self, sym: np.ndarray, pos: np.ndarray, ch: int) -> _Mixture:
+    def mixture(self, feat: np.ndarray, pos: np.ndarray, ch: int) -> _Mixture:
+        """The distributions at ``pos`` of channel ``ch`` from the network inputs ``feat`` (see _features)."""
+        pre = self.prev_layer1(feat, pos, ch)
+        pre += feat[pos[:, None] + self.same_taps] @ self.net.w1[: len(SAME_TAPS)]
+        return _run(self.net, pre, self.step_fx)
+
+    def mixture_all(self, feat: np.ndarray, pos: np.ndarray, ch: int) -> _Mixture:
         """:meth:`mixture` in blocks, bounding the encoder's memory on large latents."""
-        parts = [self.mixture(sym, pos[k : k + ENCODE_BLOCK], ch) for k in range(0, len(pos), ENCODE_BLOCK)]
+        parts = [self.mixture(feat, pos[k : k + ENCODE_BLOCK], ch) for k in range(0, len(pos), ENCODE_BLOCK)]
         fields = ("mu", "inv", "weight", "centre")
         return _Mixture(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields), self.net.sigmoid)
 
 
-def _cumulative(mix: _Mixture, edges: np.ndarray, radius: int) -> np.ndarray:
-    """Start (within PROB_SCALE) of the window entries ``edges`` (0 .. 2R+1) of each symbol's table.
+def _starts(at_edges: np.ndarray, at_low: np.ndarray, at_high: np.ndarray, edges: np.ndarray,
+            radius: int) -> np.ndarray:
+    """Start (within PROB_SCALE) of window entries ``edges`` (0 .. 2R+1) from the mixture CDF there
+    and at the window's two ends.
 
     Entry j is the value ``centre - R + j``; its interval is ``[start(j), start(j + 1))``. Every value
     in the window gets at least 1/PROB_SCALE, the two escapes ESCAPE_FREQ each, at both ends.
     """
-    lo = mix.centre - radius
-    base = mix.cdf(lo)
-    span = mix.cdf(lo + 2 * radius + 1) - base + 2 * radius + 1
     budget = PROB_SCALE - 2 * ESCAPE_FREQ - (2 * radius + 1)
-    if edges.ndim == 2:
-        lo, base, span = lo[:, None], base[:, None], span[:, None]
-    part = mix.cdf(lo + edges) - base + edges
-    return ESCAPE_FREQ + edges + part * budget // span
+    return ESCAPE_FREQ + edges + (at_edges - at_low + edges) * budget // (at_high - at_low + 2 * radius + 1)
+
+
+def _cumulative(mix: _Mixture, edges: np.ndarray, radius: int) -> np.ndarray:
+    """:func:`_starts` of the entries ``edges`` (one per symbol) of each symbol's table."""
+    lo = mix.centre - radius
+    return _starts(mix.cdf(lo + edges), mix.cdf(lo), mix.cdf(lo + 2 * radius + 1), edges, radius)
+
+
+def _window_bounds(mix: _Mixture, radius: int) -> np.ndarray:
+    """(N, 2R+4) entry boundaries of each symbol's whole table: 0, the window's starts, PROB_SCALE."""
+    edges = np.arange(2 * radius + 2)
+    at = mix.cdf((mix.centre - radius)[:, None] + edges)
+    bounds = np.empty((len(at), 2 * radius + 4), dtype=np.int64)
+    bounds[:, 0], bounds[:, -1] = 0, PROB_SCALE
+    bounds[:, 1:-1] = _starts(at, at[:, :1], at[:, -1:], edges, radius)
+    return bounds
 
 
 def _intervals(mix: _Mixture, s: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -290,28 +325,44 @@ def _intervals(mix: _Mixture, s: np.ndarray, radius: int) -> tuple[np.ndarray, n
     return start, freq, np.where(low, -radius - d, np.where(high, d - radius, 0))
 
 
-def _decode_wavefront(dec: RansDecoder, mix: _Mixture, radius: int, lanes: int) -> np.ndarray:
-    """Decode one wavefront's symbols (one per lane and piece), then its escapes piece by piece."""
-    n = len(mix.centre)
-    starts = _cumulative(mix, np.broadcast_to(np.arange(2 * radius + 2), (n, 2 * radius + 2)), radius)
-    d = np.empty(n, dtype=np.int64)
-    low, high = np.empty(n, dtype=bool), np.empty(n, dtype=bool)
-    for k in range(0, n, lanes):
-        rows = starts[k : k + lanes]
-        slot = dec.slots(len(rows))
-        j = np.clip((rows[:, :-1] <= slot[:, None]).sum(1) - 1, 0, 2 * radius)
-        lo, hi = slot < ESCAPE_FREQ, slot >= PROB_SCALE - ESCAPE_FREQ
-        pick = np.arange(len(rows))
-        dec.advance(np.where(lo, 0, np.where(hi, PROB_SCALE - ESCAPE_FREQ, rows[pick, j])),
-                    np.where(lo | hi, ESCAPE_FREQ, rows[pick, j + 1] - rows[pick, j]))
-        d[k : k + lanes], low[k : k + lanes], high[k : k + lanes] = j - radius, lo, hi
-    for k in range(0, n, lanes):
-        esc = (low[k : k + lanes] | high[k : k + lanes]).nonzero()[0]
-        if esc.size:
-            v = dec.excess(esc)
-            g = esc + k
-            d[g] = np.where(low[g], -radius - v, radius + v)
-    return d
+DECODE_BLOCK = 1 << 14  # symbols whose earlier-channel share of the first layer is computed at once
+
+
+class _Decoding:
+    """The model state while decoding: symbols and network inputs so far (``WavefrontModel``)."""
+
+    def __init__(self, model: _Model, radius: int) -> None:
+        self.model, self.radius = model, radius
+        lay = model.lay
+        self.sym = np.zeros(lay.shape[0] * lay.plane, dtype=np.int64)
+        self.feat = np.zeros(self.sym.shape, dtype=np.float64)
+        self.block = (0, 0)  # [begin, end) of the coding order that ``prev`` covers
+        self.prev = np.zeros((0, model.net.w1.shape[1]))
+
+    def tables(self, begin: int, end: int) -> tuple[list[list[int]], np.ndarray]:
+        model = self.model
+        if end > self.block[1]:
+            self._next_block(begin, end)
+        pos = model.lay.pos[begin:end]
+        pre = self.feat[pos[:, None] + model.same_taps] @ model.net.w1[: len(SAME_TAPS)]
+        pre += self.prev[begin - self.block[0] : end - self.block[0]]
+        mix = _run(model.net, pre, model.step_fx)
+        return _window_bounds(mix, self.radius).tolist(), mix.centre - self.radius
+
+    def _next_block(self, begin: int, end: int) -> None:
+        """Earlier channels are all decoded when a channel starts: run their share of the first layer
+        for up to DECODE_BLOCK symbols of this channel from ``begin`` in one product."""
+        lay = self.model.lay
+        per_channel = lay.shape[1] * lay.shape[2]
+        ch = begin // per_channel
+        stop = min(max(begin + DECODE_BLOCK, end), (ch + 1) * per_channel)
+        self.prev = self.model.prev_layer1(self.feat, lay.pos[begin:stop], ch)
+        self.block = (begin, stop)
+
+    def store(self, begin: int, end: int, symbols: np.ndarray) -> None:
+        pos = self.model.lay.pos[begin:end]
+        self.sym[pos] = symbols
+        self.feat[pos] = _features(symbols, self.model.step_fx)
 
 
 # --- the coder ---------------------------------------------------------------------------
@@ -363,11 +414,12 @@ class LearnedContextCoder:
             return b"", b""
         ch, h, w = sym3.shape
         lay = _layout((ch, h, w))
-        sym = zero_padded(sym3, PAD)
+        sym = lay.padded(sym3)
         cond = self._choose_cond(sym, lay, _guess_cond(sym3))
         model = _Model.build(lay, cond)
+        feat = _features(sym, model.step_fx)
         per_channel = [lay.pos[c * h * w : (c + 1) * h * w] for c in range(ch)]
-        mixes = [model.mixture_all(sym, pos, c) for c, pos in enumerate(per_channel)]
+        mixes = [model.mixture_all(feat, pos, c) for c, pos in enumerate(per_channel)]
         s = sym[lay.pos]
         centre = np.concatenate([m.centre for m in mixes])
         radius = _window_radius(np.abs(s - centre))
@@ -378,7 +430,7 @@ class LearnedContextCoder:
         return bytes([cond, radius]), enc.getvalue()
 
     @staticmethod
-    def _choose_cond(sym: np.ndarray, lay: _Layout, guess: int) -> int:
+    def _choose_cond(sym: np.ndarray, lay: WavefrontLayout, guess: int) -> int:
         """The conditioning step that codes a sample of the symbols shortest (a per-image fit)."""
         ch, h, w = lay.shape
         sample = np.linspace(0, h * w - 1, min(h * w, COND_SAMPLES)).astype(np.int64)
@@ -386,9 +438,10 @@ class LearnedContextCoder:
 
         def bits(cond: int) -> float:
             model = _Model.build(lay, cond)
+            feat = _features(sym, model.step_fx)
             total = 0.0
             for c, pos in enumerate(per_channel):
-                _, freq, excess = _intervals(model.mixture(sym, pos, c), sym[pos], MAX_RADIUS)
+                _, freq, excess = _intervals(model.mixture(feat, pos, c), sym[pos], MAX_RADIUS)
                 total += float(np.log2(PROB_SCALE / freq).sum()) + 16.0 * np.count_nonzero(excess)
             return total
 
@@ -413,16 +466,6 @@ class LearnedContextCoder:
             raise ValueError("bad ctx2 coder parameters")
         cond, radius = params
         lay = _layout((ch, h, w))
-        model = _Model.build(lay, cond)
-        dec = RansDecoder(payload, lay.lanes, ch * h * w, "ctx2 coder")
-        sym = np.zeros(ch * (h + 2 * PAD) * (w + 2 * PAD), dtype=np.int64)
-        per_channel = h * w
-        for b, e in lay.steps:
-            pos = lay.pos[b:e]
-            mix = model.mixture(sym, pos, b // per_channel)
-            s = mix.centre + _decode_wavefront(dec, mix, radius, lay.lanes)
-            if not in_symbol_range(s):
-                raise ValueError("ctx2 coder payload decodes to an out-of-range symbol")
-            sym[pos] = s
-        dec.finish()
-        return sym.reshape(ch, h + 2 * PAD, w + 2 * PAD)[:, PAD : PAD + h, PAD : PAD + w].astype(np.int32)
+        decoding = _Decoding(_Model.build(lay, cond), radius)
+        decode_wavefronts(RansDecoder(payload, lay.lanes, ch * h * w, "ctx2 coder"), lay, decoding, "ctx2 coder")
+        return lay.unpadded(decoding.sym)

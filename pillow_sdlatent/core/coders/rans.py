@@ -1,4 +1,4 @@
-"""Interleaved rANS over numpy lanes, and the input checks, shared by the context coders.
+"""Interleaved rANS lanes, and the input checks, shared by the context coders.
 
 Symbols are coded in *pieces*: a run of at most ``lanes`` symbols whose i-th symbol uses lane i.
 Each symbol is an interval ``[start, start + freq)`` of a ``PROB_SCALE`` total. A symbol outside its
@@ -7,9 +7,14 @@ uniform 5-bit step over the escaped lanes (bit count n of the excess v >= 1), a 
 min(n, 8) bits of v and, for lanes with n > 8, one with the other n - 8 bits. After each step every
 lane of the step whose state fell below ``RANS_LOW`` reads one 16-bit word, lanes in increasing
 order. The encoder runs the same steps in reverse.
+
+Lane states are Python integers, stepped symbol by symbol: a wavefront holds a few dozen symbols,
+too few for numpy calls (a microsecond each) to pay off against one ``bisect`` per symbol.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_right
 
 import numpy as np
 
@@ -24,8 +29,8 @@ MAX_SYMBOL = 32767  # symbols are 16-bit signed
 
 
 def lane_count(n_symbols: int, largest_wavefront: int) -> int:
-    """Lanes for a latent of ``n_symbols``: more mean fewer numpy steps but cost 4 bytes each, and no
-    step holds more symbols than the largest wavefront."""
+    """Lanes for a latent of ``n_symbols`` (the format fixes this rule): each costs 4 bytes of state,
+    and no step holds more symbols than the largest wavefront."""
     return min(max(4, min(128, n_symbols // 3072)), largest_wavefront)
 
 
@@ -47,134 +52,157 @@ def checked_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return ch, h, w
 
 
-def zero_padded(sym3: np.ndarray, pad: int) -> np.ndarray:
-    """The symbols as a flat int64 copy with a zero border ``pad`` wide around every channel."""
-    ch, h, w = sym3.shape
-    padded = np.zeros((ch, h + 2 * pad, w + 2 * pad), dtype=np.int64)
-    padded[:, pad : pad + h, pad : pad + w] = sym3
-    return padded.ravel()
-
-
 def in_symbol_range(s: np.ndarray) -> bool:
     return bool(s.min() >= -MAX_SYMBOL - 1 and s.max() <= MAX_SYMBOL)
 
 
-def bit_length(v: np.ndarray) -> np.ndarray:
-    n = np.zeros(v.shape, dtype=np.int64)
-    for i in range(MAX_ESC_NBITS + 2):
-        n += (v >> i) > 0
-    return n
-
-
 class RansEncoder:
+    """Codes in reverse of the decoding order, one Python integer state per lane."""
+
     def __init__(self, lanes: int) -> None:
         self.lanes = lanes
-        self.state = np.full(lanes, RANS_LOW, dtype=np.int64)
-        self.out: list[np.ndarray] = []
+        self.state = [RANS_LOW] * lanes
+        self.words: list[int] = []  # in reverse of the order the decoder reads them
 
-    def step(self, lanes: np.ndarray | slice, start: np.ndarray, freq: np.ndarray) -> None:
-        x = self.state[lanes]
-        emit = x >= freq << 16
-        if emit.any():
-            self.out.append((x[emit] & 0xFFFF)[::-1])
-            x = np.where(emit, x >> 16, x)
-        self.state[lanes] = ((x // freq) << 16) + x % freq + start
+    def _put(self, lane: int, start: int, freq: int) -> None:
+        x = self.state[lane]
+        if x >= freq << 16:
+            self.words.append(x & 0xFFFF)
+            x >>= 16
+        self.state[lane] = ((x // freq) << 16) + x % freq + start
 
-    def uniform(self, lanes: np.ndarray, value: np.ndarray, nbits: np.ndarray) -> None:
-        shift = PROB_BITS - nbits
-        self.step(lanes, value << shift, np.left_shift(1, shift))
+    def _uniform(self, lanes: list[int], values: list[int], nbits: list[int]) -> None:
+        """One step over ``lanes`` (increasing), each coding a value of its own bit count."""
+        for lane, value, n in zip(reversed(lanes), reversed(values), reversed(nbits), strict=True):
+            self._put(lane, value << (PROB_BITS - n), 1 << (PROB_BITS - n))
+
+    def _escapes(self, lanes: list[int], excess: list[int]) -> None:
+        """The steps of one piece's escapes (lanes increasing), in reverse of the decoding order."""
+        nb = [v.bit_length() - 1 for v in excess]
+        big = [i for i, n in enumerate(nb) if n > 8]
+        self._uniform([lanes[i] for i in big], [excess[i] >> 8 & ((1 << (nb[i] - 8)) - 1) for i in big],
+                      [nb[i] - 8 for i in big])
+        some = [i for i, n in enumerate(nb) if n > 0]
+        self._uniform([lanes[i] for i in some], [excess[i] & ((1 << min(nb[i], 8)) - 1) for i in some],
+                      [min(nb[i], 8) for i in some])
+        self._uniform(lanes, nb, [ESC_NBITS_BITS] * len(lanes))
 
     def code(self, steps: tuple[tuple[int, int], ...], start: np.ndarray, freq: np.ndarray, excess: np.ndarray) -> None:
         """Code every symbol (coding order) of the ``[begin, end)`` wavefronts ``steps``.
 
         ``excess`` is 0 for a symbol inside its window and the escape's v >= 1 otherwise.
         """
-        nb = bit_length(excess) - 1
-        lo_bits = excess & ((1 << np.clip(nb, 0, 8)) - 1)
-        hi_bits = (excess >> 8) & ((1 << np.maximum(nb - 8, 0)) - 1)
-        escaped = excess > 0
+        starts, freqs = start.tolist(), freq.tolist()
+        escaped = np.flatnonzero(excess)
+        escapes_before = [*np.searchsorted(escaped, [b for b, _ in steps]).tolist(), len(escaped)]
+        escaped_list, excess_list = escaped.tolist(), excess[escaped].tolist()
         lanes = self.lanes
-        for b, e in reversed(steps):
-            pieces = list(range(b, e, lanes))[::-1]
-            if escaped[b:e].any():
-                for k in pieces:
-                    esc = escaped[k : min(k + lanes, e)].nonzero()[0]
-                    if not esc.size:
-                        continue
-                    g = esc + k
-                    big = nb[g] > 8
-                    if big.any():
-                        self.uniform(esc[big], hi_bits[g[big]], nb[g[big]] - 8)
-                    some = nb[g] > 0
-                    if some.any():
-                        self.uniform(esc[some], lo_bits[g[some]], np.minimum(nb[g[some]], 8))
-                    self.uniform(esc, nb[g], np.full(esc.size, ESC_NBITS_BITS))
-            for k in pieces:
-                end = min(k + lanes, e)
-                self.step(slice(0, end - k), start[k:end], freq[k:end])
+        for wave in range(len(steps) - 1, -1, -1):
+            b, e = steps[wave]
+            first, last = escapes_before[wave], escapes_before[wave + 1]
+            for k in reversed(range(b, e, lanes)):
+                piece = [i for i in range(first, last) if k <= escaped_list[i] < k + lanes]
+                if piece:
+                    self._escapes([escaped_list[i] - k for i in piece], [excess_list[i] for i in piece])
+            for i in range(e - 1, b - 1, -1):
+                self._put((i - b) % lanes, starts[i], freqs[i])
 
     def getvalue(self) -> bytes:
-        words = np.concatenate(self.out)[::-1] if self.out else np.zeros(0, dtype=np.int64)
-        return self.state.astype("<u4").tobytes() + words.astype("<u2").tobytes()
+        state = np.asarray(self.state, dtype="<u4").tobytes()
+        return state + np.asarray(self.words[::-1], dtype="<u2").tobytes()
 
 
 class RansDecoder:
+    """Decodes with one Python integer state per lane."""
+
     def __init__(self, payload: bytes, lanes: int, n_symbols: int, name: str) -> None:
         self.name = name
+        self.lanes = lanes
         n_words, odd = divmod(len(payload) - 4 * lanes, 2)
         # no symbol costs more than 32 bits (plus rANS rounding), so two words per symbol and some slack
         if n_words < 0 or odd or n_words > 2 * n_symbols + 256:
             raise ValueError(f"{name} payload has a bad length")
-        self.state = np.frombuffer(payload, dtype="<u4", count=lanes).astype(np.int64)
-        if (self.state < RANS_LOW).any():
+        state = np.frombuffer(payload, dtype="<u4", count=lanes)
+        if (state < RANS_LOW).any():
             raise ValueError(f"{name} payload has a bad initial state")
-        self.words = np.frombuffer(payload, dtype="<u2", offset=4 * lanes)
+        self.state: list[int] = state.tolist()
+        self.words: list[int] = np.frombuffer(payload, dtype="<u2", offset=4 * lanes).tolist()
         self.pos = 0
 
-    def read(self, x: np.ndarray) -> None:
-        """Renormalise lane states ``x`` in place."""
-        need = (x < RANS_LOW).nonzero()[0]
-        if need.size:
-            end = self.pos + need.size
-            if end > len(self.words):
-                raise ValueError(f"{self.name} payload is truncated")
-            x[need] = (x[need] << 16) | self.words[self.pos : end]
-            self.pos = end
+    def _word(self) -> int:
+        if self.pos == len(self.words):
+            raise ValueError(f"{self.name} payload is truncated")
+        self.pos += 1
+        return self.words[self.pos - 1]
 
-    def slots(self, n: int) -> np.ndarray:
-        """Where in ``[0, PROB_SCALE)`` the next symbols of lanes ``0 .. n-1`` lie."""
-        return self.state[:n] & (PROB_SCALE - 1)
+    def wave(self, bounds: list[list[int]]) -> np.ndarray:
+        """Decode one wavefront: symbol i (lane ``i % lanes``) was coded with the table whose entry
+        boundaries are ``bounds[i]`` (0 .. PROB_SCALE; first and last entry are the escapes).
 
-    def advance(self, start: np.ndarray, freq: np.ndarray) -> None:
-        """Consume the symbols ``[start, start + freq)`` found from :meth:`slots` in the first lanes."""
-        n = len(start)
-        x = self.state[:n]
-        x = freq * (x >> 16) + (x & (PROB_SCALE - 1)) - start
-        self.read(x)
-        self.state[:n] = x
+        Returns each symbol's offset from its table's lowest in-window value: entry - 1 inside the
+        window, -v for a low escape, the window size - 1 + v for a high one.
+        """
+        state, words, lanes = self.state, self.words, self.lanes
+        pos = self.pos
+        offsets, escaped = [], []
+        for i, row in enumerate(bounds):
+            lane = i % lanes
+            x = state[lane]
+            slot = x & (PROB_SCALE - 1)
+            j = bisect_right(row, slot) - 1
+            lo, hi = row[j], row[j + 1]
+            x = (hi - lo) * (x >> 16) + slot - lo
+            if x < RANS_LOW:
+                if pos == len(words):
+                    raise ValueError(f"{self.name} payload is truncated")
+                x = x << 16 | words[pos]
+                pos += 1
+            state[lane] = x
+            offsets.append(j - 1)
+            if lo == 0 or hi == PROB_SCALE:
+                escaped.append(i)
+        self.pos = pos
+        if escaped:
+            self._escapes(bounds, offsets, escaped)
+        return np.asarray(offsets, dtype=np.int64)
 
-    def uniform(self, lanes: np.ndarray, nbits: np.ndarray) -> np.ndarray:
-        shift = PROB_BITS - nbits
-        x = self.state[lanes]
-        slot = x & (PROB_SCALE - 1)
-        value = slot >> shift
-        x = np.left_shift(1, shift) * (x >> 16) + slot - (value << shift)
-        self.read(x)
-        self.state[lanes] = x
-        return value
+    def _escapes(self, bounds: list[list[int]], offsets: list[int], escaped: list[int]) -> None:
+        """Read the excess of the ``escaped`` symbols (increasing), piece by piece, into ``offsets``."""
+        lanes = self.lanes
+        while escaped:
+            k = escaped[0] - escaped[0] % lanes
+            piece = [i for i in escaped if i < k + lanes]
+            escaped = escaped[len(piece) :]
+            for i, v in zip(piece, self._excess([i - k for i in piece]), strict=True):
+                offsets[i] = -v if offsets[i] < 0 else len(bounds[i]) - 4 + v
 
-    def excess(self, escaped: np.ndarray) -> np.ndarray:
-        """The excess v >= 1 of the escaped lanes (indices, increasing) of one piece."""
-        nb = self.uniform(escaped, np.full(escaped.size, ESC_NBITS_BITS))
-        if nb.max() > MAX_ESC_NBITS:
+    def _uniform(self, lanes: list[int], nbits: list[int]) -> list[int]:
+        """One step over ``lanes`` (increasing), each reading a value of its own bit count."""
+        values = []
+        for lane, n in zip(lanes, nbits, strict=True):
+            shift = PROB_BITS - n
+            x = self.state[lane]
+            slot = x & (PROB_SCALE - 1)
+            value = slot >> shift
+            x = ((x >> 16) << shift) + slot - (value << shift)
+            self.state[lane] = x << 16 | self._word() if x < RANS_LOW else x
+            values.append(value)
+        return values
+
+    def _excess(self, lanes: list[int]) -> list[int]:
+        """The excess v >= 1 of the escaped ``lanes`` (increasing) of one piece."""
+        nb = self._uniform(lanes, [ESC_NBITS_BITS] * len(lanes))
+        if max(nb) > MAX_ESC_NBITS:
             raise ValueError(f"{self.name} payload has an oversized escape")
-        v = np.left_shift(1, nb)
-        some = nb > 0
-        v[some] |= self.uniform(escaped[some], np.minimum(nb[some], 8))
-        big = nb > 8
-        v[big] |= self.uniform(escaped[big], nb[big] - 8) << 8
+        v = [1 << n for n in nb]
+        some = [i for i, n in enumerate(nb) if n > 0]
+        for i, bits in zip(some, self._uniform([lanes[i] for i in some], [min(nb[i], 8) for i in some]), strict=True):
+            v[i] |= bits
+        big = [i for i, n in enumerate(nb) if n > 8]
+        for i, bits in zip(big, self._uniform([lanes[i] for i in big], [nb[i] - 8 for i in big]), strict=True):
+            v[i] |= bits << 8
         return v
 
     def finish(self) -> None:
-        if self.pos != len(self.words) or (self.state != RANS_LOW).any():
+        if self.pos != len(self.words) or any(x != RANS_LOW for x in self.state):
             raise ValueError(f"{self.name} payload is damaged (final state mismatch)")
