@@ -9,7 +9,7 @@ from typing import Any
 
 from .SdlImagePlugin import register
 
-__all__ = ["decode_file", "decode_files", "encode_image", "encode_images", "read_latent", "register"]
+__all__ = ["clear_cache", "decode_file", "decode_files", "encode_image", "encode_images", "read_latent", "register"]
 __version__ = "0.1.0"
 
 register()
@@ -21,4 +21,8 @@ def __getattr__(name: str) -> Any:
         from . import codec
 
         return getattr(codec, name)
+    if name == "clear_cache":
+        from .models import clear_cache
+
+        return clear_cache
     raise AttributeError(f"module 'pillow_sdlatent' has no attribute {name!r}")
