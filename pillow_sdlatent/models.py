@@ -391,20 +391,43 @@ _models = LoadOnce()
 def clear_cache() -> None:
     """Forget every loaded network (models, ONNX Runtime sessions, restorer, ctx2), freeing their memory.
 
-    The next use loads them again. Also run in a forked child, whose copies of
-    the parent's runtime thread pools would hang on first use.
+    The next use loads them again.
     """
+    _drop_caches()
+
+
+def _drop_caches() -> list[Any]:
+    """Empty the caches; returns what they held, for a caller that must not free it yet."""
     global _models
+    dropped: list[Any] = [_models]
     _models = LoadOnce()
     restore = sys.modules.get(f"{__package__}.restore")
     if restore is not None:
-        restore.clear_cache()
+        dropped += restore.clear_cache()
     learned_coder = sys.modules.get(f"{__package__}.learned_coder")
     if learned_coder is not None:
         learned_coder._net_cache.clear()  # ctx2's network: plain numpy, rebuilt on the next call
+    return dropped
 
 
-os.register_at_fork(after_in_child=clear_cache)
+#: what a forked child inherited from its parent's caches, never freed: ONNX Runtime's
+#: destructors would wait forever for thread-pool threads that exist only in the parent
+_inherited: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    """Forked children start with empty caches, and torch on one thread.
+
+    Runtime thread pools do not survive fork: the parent's ONNX Runtime sessions and
+    torch's intra-op pool hang the child on first use (measured: forever).
+    """
+    _inherited.extend(_drop_caches())
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def load_model(name: str = DEFAULT_MODEL, *, weights: str | os.PathLike | None = None,

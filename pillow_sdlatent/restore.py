@@ -62,12 +62,14 @@ _sessions: dict[str, tuple[Any, int]] = {}  # weights path -> (OnnxNetwork, late
 _lock = threading.Lock()
 
 
-def clear_cache() -> None:
-    """Forget the loaded restorers (``models.clear_cache`` calls this)."""
+def clear_cache() -> list[Any]:
+    """Forget the loaded restorers (``models.clear_cache`` calls this); returns them."""
     global _lock
     _lock = threading.Lock()  # a fresh lock too: a forked child may inherit this one held
+    dropped = [*_nets.values(), *_sessions.values()]
     _nets.clear()
     _sessions.clear()
+    return dropped
 
 
 def _weights_for(model_name: str) -> Path | None:
