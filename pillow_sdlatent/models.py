@@ -441,22 +441,16 @@ def load_model(name: str = DEFAULT_MODEL, *, weights: str | os.PathLike | None =
 
     def build() -> LatentModel:
         if resolved_runtime == "onnxruntime":
-            return LatentModel(spec, _find_network(spec, weights, models_dir), resolved_device, None, resolved_runtime)
+            return LatentModel(spec, _build_module(spec, weights, models_dir), resolved_device, None, resolved_runtime)
         import_torch(f"model {spec.name!r} on device {resolved_device!r}"
                      + ("" if spec.family == "kl" or resolved_device != "cpu" else " without onnxruntime"))
-        network = _find_network(spec, weights, models_dir)
+        network = _build_module(spec, weights, models_dir)
         return LatentModel(spec, network, resolved_device, default_dtype(resolved_device), resolved_runtime)
 
     return _models.get(key, build)
 
 
-def _build_module(spec: ModelSpec, weights: str | os.PathLike | None, models_dir: str) -> torch.nn.Module:
-    """The model as a torch module, wherever its weights are found (benchmarks compare runtimes with it)."""
-    network = _find_network(spec, weights, models_dir)
-    return _tiny_module(spec, network) if isinstance(network, Mapping) else network
-
-
-def _find_network(spec: ModelSpec, weights: str | os.PathLike | None,
+def _build_module(spec: ModelSpec, weights: str | os.PathLike | None,
                   models_dir: str) -> StateDict | torch.nn.Module:
     """TAESD weights as a ``StateDict``, the KL VAE as a diffusers module; the search order is the module's."""
     tried: list[str] = []

@@ -88,7 +88,7 @@ photo.save(buffer, format="SDL", quality=60)
 image = Image.open(io.BytesIO(buffer.getvalue()))
 image.load()
 mse = np.mean((np.asarray(image, float) - np.asarray(photo, float)) ** 2)
-print(10 * np.log10(255**2 / mse), image.info["sdl"]["model"], "torch" in sys.modules and sys.modules["torch"] is not None)
+print(10 * np.log10(255**2 / mse), image.info["sdl"]["model"], sys.modules.get("torch") is not None)
 try:
     pillow_sdlatent.models.load_model("taesd", runtime="torch")
 except ImportError as exc:
