@@ -155,6 +155,7 @@ def large_checks(device: str) -> dict[str, Any]:
 
     import pillow_sdlatent  # noqa: F401
     from pillow_sdlatent import models, pipeline
+    from pillow_sdlatent.models import tiling
 
     with Image.open(KODAK / "kodim23.png") as photo:
         photo = photo.convert("RGB")
@@ -162,13 +163,13 @@ def large_checks(device: str) -> dict[str, Any]:
 
     model = models.load_model("taesd", device=device)
     medium = np.asarray(photo.resize((1536, 1024), Image.Resampling.LANCZOS))
-    untiled_limit = models.TILED_ABOVE_PIXELS
-    models.TILED_ABOVE_PIXELS = 1 << 40
+    untiled_limit = tiling.TILED_ABOVE_PIXELS
+    tiling.TILED_ABOVE_PIXELS = 1 << 40
     latent = model.encode_image(medium)
     whole = model.decode_image(latent)
-    models.TILED_ABOVE_PIXELS = 1
+    tiling.TILED_ABOVE_PIXELS = 1
     tiled = model.decode_image(model.encode_image(medium))
-    models.TILED_ABOVE_PIXELS = untiled_limit
+    tiling.TILED_ABOVE_PIXELS = untiled_limit
     results["tile_seam_psnr_db"] = _psnr(whole, tiled)
     results["quantization_psnr_db"] = _psnr(medium, whole)
 

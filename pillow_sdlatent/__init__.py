@@ -10,7 +10,8 @@ from typing import Any
 
 from .SdlImagePlugin import register, save
 
-__all__ = ["decode_file", "decode_files", "encode_image", "encode_images", "read_latent", "register", "save"]
+__all__ = ["clear_cache", "decode_file", "decode_files", "encode_image", "encode_images", "read_latent", "register",
+           "save"]
 __version__ = "0.1.0"
 
 register()
@@ -26,4 +27,8 @@ def __getattr__(name: str) -> Any:
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "clear_cache":
+        from .models import clear_cache
+
+        return clear_cache
     raise AttributeError(f"module 'pillow_sdlatent' has no attribute {name!r}")

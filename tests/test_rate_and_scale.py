@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pillow_sdlatent import models, pipeline, rate
+from pillow_sdlatent.models import tiling
 from tests.conftest import psnr
 
 
@@ -101,7 +102,7 @@ def test_tiles_blend_without_visible_seams(square: Image.Image, monkeypatch: pyt
     rgb = np.asarray(square.resize((640, 384)))
     whole = model.decode_image(model.encode_image(rgb))
     monkeypatch.setattr(models, "TILE_PIXELS", 256)
-    monkeypatch.setattr(models, "TILED_ABOVE_PIXELS", 256 * 256)
+    monkeypatch.setattr(tiling, "TILED_ABOVE_PIXELS", 256 * 256)
     tiled = model.decode_image(model.encode_image(rgb))
     seam_psnr, codec_psnr = psnr(whole, tiled), psnr(rgb, whole)
     print(f"\ntiled vs untiled {seam_psnr:.1f} dB; the codec itself {codec_psnr:.1f} dB")

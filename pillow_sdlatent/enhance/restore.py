@@ -14,10 +14,14 @@ import json
 import math
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
+
+from ..models import onnx_graphs
+
+if TYPE_CHECKING:
+    import torch
 
 from ..weights import WEIGHTS_DIR
 
@@ -30,77 +34,44 @@ WEIGHTS = {"sd1": "restorer_taesd.safetensors"}
 #: 4.0 (the coarsest quality) and worse above, so it stays off there (rate control may go to 16).
 HELPFUL_STEPS = (0.45, 3.0)
 ARCH_VERSION = "1"
+#: the torch half (``restore_net``), imported only when asked for: decoding needs no torch
+_TORCH_NAMES = ("ResBlock", "RestorerNet", "save_weights", "load_net")
 
 
-class ResBlock(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_NAMES:
+        from . import restore_net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(torch.relu(self.conv1(x)))
+        return getattr(restore_net, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class RestorerNet(nn.Module):
-    """Two-scale residual CNN: latent + log(step) map in, step-scaled latent correction out.
-
-    The step enters as an input plane (as in FFDNet's noise-level map) and scales the output,
-    so the network predicts the residual in units of the quantization step at every rate.
-    """
-
-    def __init__(self, channels: int = 4, width: int = 32, inner: int = 64, depth: int = 2) -> None:
-        super().__init__()
-        self.config = {"channels": channels, "width": width, "inner": inner, "depth": depth}
-        self.head = nn.Conv2d(channels + 1, width, 3, padding=1)
-        self.enc = ResBlock(width)
-        self.down = nn.Conv2d(width, inner, 3, stride=2, padding=1)
-        self.mid = nn.Sequential(*(ResBlock(inner) for _ in range(depth)))
-        self.up = nn.Conv2d(inner, 4 * width, 1)
-        self.dec = ResBlock(width)
-        self.tail = nn.Conv2d(width, channels, 3, padding=1)
-
-    def forward(self, latent: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) dequantized latent, (N, 1, 1, 1) step -> (N, C, H, W) restored latent."""
-        height, width = latent.shape[-2:]
-        level = torch.log(step).expand(-1, 1, height, width)
-        x = torch.relu(self.head(torch.cat([latent, level], dim=1)))
-        skip = self.enc(x)
-        y = self.mid(torch.relu(self.down(torch.relu(skip))))
-        y = nn.functional.pixel_shuffle(self.up(y), 2)[..., :height, :width]
-        x = self.dec(torch.relu(skip + y))
-        return latent + step * self.tail(torch.relu(x))
-
-
-def save_weights(net: RestorerNet, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Store as float16 safetensors with the network's sizes: restoring is insensitive to that rounding."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to("cpu").half().contiguous() for k, v in net.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"arch": ARCH_VERSION, "config": json.dumps(net.config), **(metadata or {})})
-
-
-def load_net(path: Path) -> RestorerNet:
-    """The float32 network a weights file holds; ``ValueError`` for another architecture version."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("arch") != ARCH_VERSION:
-            raise ValueError(f"{path.name}: restorer architecture {meta.get('arch')!r}, this build expects "
-                             f"{ARCH_VERSION!r}")
-        config = json.loads(meta.get("config", "{}"))
-        if set(config) - {"channels", "width", "inner", "depth"} or not all(
-                isinstance(v, int) and 1 <= v <= 1024 for v in config.values()):
-            raise ValueError(f"{path.name}: bad restorer config {config!r}")
-        net = RestorerNet(**config)
-        net.load_state_dict({key: f.get_tensor(key).float() for key in f.keys()}, strict=True)  # noqa: SIM118
-    return net
+def read_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """A weights file's float32 tensors and network sizes; ``ValueError`` for another architecture version."""
+    tensors, meta = onnx_graphs.read_safetensors(path)
+    if meta.get("arch") != ARCH_VERSION:
+        raise ValueError(f"{path.name}: restorer architecture {meta.get('arch')!r}, this build expects "
+                         f"{ARCH_VERSION!r}")
+    config = json.loads(meta.get("config", "{}"))
+    if set(config) - {"channels", "width", "inner", "depth"} or not all(
+            isinstance(v, int) and 1 <= v <= 1024 for v in config.values()):
+        raise ValueError(f"{path.name}: bad restorer config {config!r}")
+    return tensors, config
 
 
 _nets: dict[str, torch.nn.Module] = {}
+_sessions: dict[str, tuple[Any, int]] = {}  # weights path -> (OnnxNetwork, latent channels)
 _lock = threading.Lock()
+
+
+def clear_cache() -> list[Any]:
+    """Forget the loaded restorers (``models.clear_cache`` calls this); returns them."""
+    global _lock
+    _lock = threading.Lock()  # a fresh lock too: a forked child may inherit this one held
+    dropped = [*_nets.values(), *_sessions.values()]
+    _nets.clear()
+    _sessions.clear()
+    return dropped
 
 
 def _weights_for(model_name: str) -> Path | None:
@@ -122,13 +93,16 @@ def has_restorer(model_name: str, step: float | None = None) -> bool:
 
 
 def restorer_net(model_name: str) -> torch.nn.Module:
-    """The restorer for the model's latent space, loaded once (thread-safe) and then shared.
+    """The restorer for the model's latent space as a torch module, loaded once (thread-safe) and shared.
 
     Its parameters are frozen; gradients still flow to its input (encoder effort uses that).
     """
-    path = _weights_for(model_name)
-    if path is None:
-        raise ValueError(f"no restorer for model {model_name!r}")
+    from ..models.runtime import import_torch
+
+    import_torch("the restorer as a torch module (encoder effort, training)")
+    from .restore_net import load_net
+
+    path = _path_for(model_name)
     key = str(path)
     with _lock:
         if key not in _nets:
@@ -136,14 +110,48 @@ def restorer_net(model_name: str) -> torch.nn.Module:
         return _nets[key]
 
 
+def _path_for(model_name: str) -> Path:
+    path = _weights_for(model_name)
+    if path is None:
+        raise ValueError(f"no restorer for model {model_name!r}")
+    return path
+
+
+def _onnx_restorer(model_name: str) -> tuple[Any, int]:
+    """The restorer as an ONNX Runtime network, and the latent channels it takes; built once."""
+    from ..models.ort_engine import OnnxNetwork
+
+    path = _path_for(model_name)
+    key = str(path)
+    with _lock:
+        if key not in _sessions:
+            tensors, _ = read_weights(path)
+            _sessions[key] = (OnnxNetwork(lambda: onnx_graphs.restorer(tensors)), tensors["tail.weight"].shape[0])
+        return _sessions[key]
+
+
 def restore_latent(latent: np.ndarray, step: float, model_name: str) -> np.ndarray:
     """(C, H, W) dequantized latent of a file quantized with ``step`` -> (C, H, W) float32 restored latent.
 
-    Deterministic: float32 on the CPU. ``ValueError`` when the model has no restorer or the
-    step is not a positive finite number.
+    Float32 on the CPU, through ONNX Runtime (torch where onnxruntime is missing), so the
+    result does not depend on the decode device. ``ValueError`` when the model has no
+    restorer or the step is not a positive finite number.
     """
+    from ..models import ort_engine
+
     if not (isinstance(step, (int, float, np.floating)) and math.isfinite(step) and step > 0):
         raise ValueError(f"step must be a positive finite number, not {step!r}")
+    if not ort_engine.available():
+        return _restore_with_torch(latent, step, model_name)
+    network, channels = _onnx_restorer(model_name)
+    if latent.ndim != 3 or latent.shape[0] != channels:
+        raise ValueError(f"expected a ({channels}, H, W) latent, got shape {latent.shape}")
+    return network(latent=latent[None], step=np.full((1, 1, 1, 1), step, np.float32))[0]
+
+
+def _restore_with_torch(latent: np.ndarray, step: float, model_name: str) -> np.ndarray:
+    import torch
+
     net = restorer_net(model_name)
     if latent.ndim != 3 or latent.shape[0] != net.head.in_channels - 1:
         raise ValueError(f"expected a ({net.head.in_channels - 1}, H, W) latent, got shape {latent.shape}")
