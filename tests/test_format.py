@@ -83,6 +83,29 @@ def test_truncated_payload_is_an_os_error(sdl_bytes: bytes, monkeypatch: pytest.
     assert image.size == (192, 128)
 
 
+@pytest.mark.parametrize("coder", ["ctx2", "ctx1"])
+def test_a_truncated_payload_keeps_what_it_holds(photo: Image.Image, coder: str) -> None:
+    """With LOAD_TRUNCATED_IMAGES the symbols before the cut decode exactly and only the rest is zero
+    (the whole latent used to be zeroed: a flat grey picture)."""
+    import numpy as np
+
+    from pillow_sdlatent.core.read import latent_from_layout
+
+    buffer = io.BytesIO()
+    photo.save(buffer, format="SDL", coder=coder, quality=75, scale=1)
+    data = buffer.getvalue()
+    layout = container.read_layout(io.BytesIO(data))
+    full = latent_from_layout(io.BytesIO(data), layout)
+    end = data.index(b"LATD") + 4 + int(0.7 * layout.header.payload_length)
+    cut = container.read_layout(io.BytesIO(data[:end]))
+    with pytest.raises(OSError, match="truncated"):
+        latent_from_layout(io.BytesIO(data[:end]), cut)
+    partial = latent_from_layout(io.BytesIO(data[:end]), cut, allow_truncated=True)
+    kept = partial == full
+    assert kept.mean() > 0.5, f"only {kept.mean():.0%} of the latent survived 70% of the payload"
+    assert (partial[~kept] == 0).all()  # what was lost is zero, nothing made up
+
+
 def test_verify_catches_a_damaged_payload(sdl_bytes: bytes) -> None:
     Image.open(io.BytesIO(sdl_bytes)).verify()
     damaged = bytearray(sdl_bytes)

@@ -19,15 +19,18 @@ from .container import DamagedFileError, Header, Layout
 from .registry import REGISTRY
 
 
-def read_symbols(layout: Layout, payload: bytes) -> np.ndarray:
-    """Entropy-decode the payload; ``DamagedFileError`` when it does not decode."""
+def read_symbols(layout: Layout, payload: bytes, partial: bool = False) -> np.ndarray:
+    """Entropy-decode the payload; ``DamagedFileError`` when it does not decode.
+
+    ``partial``: the payload is the start of a truncated one; what it holds decodes, the rest is 0.
+    """
     header = layout.header
     try:
         coder = get_coder(header.coder)
     except ValueError as exc:
         raise DamagedFileError(f"{exc}; upgrade pillow_sdlatent") from None
     try:
-        return coder.decode(header.coder_params, payload, header.latent_shape)
+        return coder.decode(header.coder_params, payload, header.latent_shape, partial)
     except ValueError as exc:
         raise DamagedFileError(f"damaged SDL payload: {exc}") from None
 
@@ -64,14 +67,7 @@ def latent_from_layout(fp: IO[bytes], layout: Layout, allow_truncated: bool = Fa
             f"not {spec.channels}"
         )
     payload = read_payload(fp, layout, allow_truncated)
-    if len(payload) < layout.header.payload_length:
-        try:
-            symbols = read_symbols(layout, payload)
-        except DamagedFileError:
-            symbols = np.zeros(layout.header.latent_shape, dtype=np.int32)
-    else:
-        symbols = read_symbols(layout, payload)
-    return dequantize(layout, symbols)
+    return dequantize(layout, read_symbols(layout, payload, partial=len(payload) < layout.header.payload_length))
 
 
 def read_latent(source: str | os.PathLike | IO[bytes] | bytes) -> np.ndarray:

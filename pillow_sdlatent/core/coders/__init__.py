@@ -7,6 +7,7 @@ allocation by what the header already justified.
 
 from __future__ import annotations
 
+import io
 from typing import Protocol
 
 import numpy as np
@@ -22,8 +23,12 @@ class EntropyCoder(Protocol):
     def encode(self, symbols: np.ndarray) -> tuple[bytes, bytes]:
         """(C, H, W) int32 symbols -> (params, payload)."""
 
-    def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-        """Inverse of :meth:`encode`; ``ValueError`` on a damaged payload."""
+    def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int], partial: bool = False) -> np.ndarray:
+        """Inverse of :meth:`encode`; ``ValueError`` on a damaged payload.
+
+        ``partial``: ``payload`` is a prefix of the coded bytes (a truncated file); the symbols it
+        holds decode exactly and the rest are 0.
+        """
 
 
 class ZstdCoder:
@@ -42,13 +47,29 @@ class ZstdCoder:
         raw = np.ascontiguousarray(symbols, dtype=dtype).tobytes()
         return bytes([width]), zstandard.ZstdCompressor(level=self.level).compress(raw)
 
-    def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int], partial: bool = False) -> np.ndarray:
         if params not in (b"\x01", b"\x02"):
             raise ValueError("bad zstd coder parameters")
         width = params[0]
-        raw = zstd_decompress_exact(payload, int(np.prod(shape)) * width)
+        size = int(np.prod(shape)) * width
+        raw = zstd_decompress_prefix(payload, size) if partial else zstd_decompress_exact(payload, size)
         dtype = np.dtype("i1") if width == 1 else np.dtype("<i2")
         return np.frombuffer(raw, dtype=dtype).astype(np.int32).reshape(shape)
+
+
+def zstd_decompress_prefix(frame: bytes, size: int) -> bytes:
+    """What the whole blocks at the start of a truncated zstd frame hold, zero-padded to ``size`` bytes.
+
+    Read through a bounded stream, so a hostile frame never makes more than ``size`` bytes.
+    """
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frame), read_across_frames=False)
+    raw = b""
+    try:
+        while len(raw) < size and (chunk := reader.read(size - len(raw))):
+            raw += chunk
+    except zstandard.ZstdError:
+        pass  # the frame ends mid-block: keep what came before
+    return raw.ljust(size, b"\0")
 
 
 def zstd_decompress_exact(frame: bytes, size: int) -> bytes:

@@ -30,7 +30,6 @@ from .rans import (
     MAX_SYMBOL,
     PROB_BITS,
     PROB_SCALE,
-    RansDecoder,
     RansEncoder,
     checked_shape,
     checked_symbols,
@@ -480,7 +479,7 @@ class ContextCoder:
         order = lay.pos
         return writer.getvalue(), _encode_symbols(sym[order], mu_all[order], scale_all[order], lay)
 
-    def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int], partial: bool = False) -> np.ndarray:
         ch, h, w = checked_shape(shape)
         if ch * h * w == 0:
             if params or payload:
@@ -492,5 +491,5 @@ class ContextCoder:
         lay = _layout((ch, h, w))
         model = _Model.build(lay, *(list(f) for f in zip(*fields, strict=True)))
         decoding = _Decoding(lay, model)
-        decode_wavefronts(RansDecoder(payload, lay.lanes, ch * h * w, "ctx coder"), lay, decoding, "ctx coder")
+        decode_wavefronts(payload, lay, decoding, "ctx coder", partial)
         return lay.unpadded(decoding.sym)

@@ -32,7 +32,6 @@ from .rans import (
     ESCAPE_FREQ,
     MAX_SYMBOL,
     PROB_SCALE,
-    RansDecoder,
     RansEncoder,
     checked_shape,
     checked_symbols,
@@ -454,7 +453,7 @@ class LearnedContextCoder:
             best = min(scores, key=scores.__getitem__)
         return best
 
-    def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int], partial: bool = False) -> np.ndarray:
         ch, h, w = checked_shape(shape)
         if ch != CHANNELS:
             raise ValueError(f"ctx2 codes {CHANNELS}-channel latents only, not {ch}")
@@ -467,5 +466,5 @@ class LearnedContextCoder:
         cond, radius = params
         lay = _layout((ch, h, w))
         decoding = _Decoding(_Model.build(lay, cond), radius)
-        decode_wavefronts(RansDecoder(payload, lay.lanes, ch * h * w, "ctx2 coder"), lay, decoding, "ctx2 coder")
+        decode_wavefronts(payload, lay, decoding, "ctx2 coder", partial)
         return lay.unpadded(decoding.sym)

@@ -112,12 +112,24 @@ class RansEncoder:
         return state + np.asarray(self.words[::-1], dtype="<u2").tobytes()
 
 
-class RansDecoder:
-    """Decodes with one Python integer state per lane."""
+class TruncatedStreamError(ValueError):
+    """The payload ended before its last symbol; every symbol decoded before that point is right."""
 
-    def __init__(self, payload: bytes, lanes: int, n_symbols: int, name: str) -> None:
+
+class RansDecoder:
+    """Decodes with one Python integer state per lane.
+
+    ``partial``: the payload may be a prefix of the stream (a truncated file): whole words only are
+    kept, and running out of them raises ``TruncatedStreamError`` instead of the checks at the end.
+    """
+
+    def __init__(self, payload: bytes, lanes: int, n_symbols: int, name: str, partial: bool = False) -> None:
         self.name = name
         self.lanes = lanes
+        if partial:
+            if len(payload) < 4 * lanes:
+                raise TruncatedStreamError(f"{name} payload is truncated before its first symbol")
+            payload = payload[: len(payload) - (len(payload) - 4 * lanes) % 2]
         n_words, odd = divmod(len(payload) - 4 * lanes, 2)
         # no symbol costs more than 32 bits (plus rANS rounding), so two words per symbol and some slack
         if n_words < 0 or odd or n_words > 2 * n_symbols + 256:
@@ -131,7 +143,7 @@ class RansDecoder:
 
     def _word(self) -> int:
         if self.pos == len(self.words):
-            raise ValueError(f"{self.name} payload is truncated")
+            raise TruncatedStreamError(f"{self.name} payload is truncated")
         self.pos += 1
         return self.words[self.pos - 1]
 
@@ -154,7 +166,7 @@ class RansDecoder:
             x = (hi - lo) * (x >> 16) + slot - lo
             if x < RANS_LOW:
                 if pos == len(words):
-                    raise ValueError(f"{self.name} payload is truncated")
+                    raise TruncatedStreamError(f"{self.name} payload is truncated")
                 x = x << 16 | words[pos]
                 pos += 1
             state[lane] = x

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .rans import RansDecoder, in_symbol_range, lane_count
+from .rans import RansDecoder, TruncatedStreamError, in_symbol_range, lane_count
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,24 @@ class WavefrontModel(Protocol):
         """Record the wavefront's decoded symbols, which later wavefronts are predicted from."""
 
 
-def decode_wavefronts(dec: RansDecoder, lay: WavefrontLayout, model: WavefrontModel, name: str) -> None:
-    """Decode every wavefront in coding order into ``model``; ``ValueError`` on a damaged payload."""
-    for b, e in lay.steps:
-        bounds, lowest = model.tables(b, e)
-        s = lowest + dec.wave(bounds)
-        if not in_symbol_range(s):
-            raise ValueError(f"{name} payload decodes to an out-of-range symbol")
-        model.store(b, e, s)
+def decode_wavefronts(payload: bytes, lay: WavefrontLayout, model: WavefrontModel, name: str,
+                      partial: bool = False) -> None:
+    """Decode every wavefront in coding order into ``model``; ``ValueError`` on a damaged payload.
+
+    ``partial``: ``payload`` is a prefix of the stream; decoding stops where it ends, and the
+    symbols not reached keep the model's initial zeros.
+    """
+    channels, height, width = lay.shape
+    try:
+        dec = RansDecoder(payload, lay.lanes, channels * height * width, name, partial)
+        for b, e in lay.steps:
+            bounds, lowest = model.tables(b, e)
+            s = lowest + dec.wave(bounds)
+            if not in_symbol_range(s):
+                raise ValueError(f"{name} payload decodes to an out-of-range symbol")
+            model.store(b, e, s)
+    except TruncatedStreamError:
+        if partial:
+            return
+        raise
     dec.finish()
