@@ -63,10 +63,10 @@ FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"))
 OCR_TEXT_PX = 40
 #: lettering in a photo counts when tesseract reads a word of this many letters/digits with this confidence
 PHOTO_WORD_MIN_CHARS, PHOTO_WORD_MIN_CONFIDENCE = 3, 80
-WORDS = ("the and for you with this from open daily store market station river north road street house "
+VOCABULARY = ("the and for you with this from open daily store market station river north road street house "
          "coffee garden museum hotel ticket exit only price sale new fresh local park bridge office city "
          "bank service centre school library music water light train platform welcome please keep closed "
-         "left right entrance parking free hours monday friday sunday").split()
+         "left right entrance parking free hours monday friday sunday")
 CSV_FIELDS = ["set", "kind", "image", "item", "band", "size_px", "config", "codec", "options", "rate", "quality",
               "bytes", "bpp", "psnr", "msssim", "stlpips", "acc_truth", "acc_original", "ocr"]
 
@@ -143,7 +143,8 @@ def size_band(size_px: float) -> str:
 
 
 def face_boxes(rgb: np.ndarray) -> list[Box]:
-    """OpenCV's Haar frontal faces (alt2 cascade, equalised grey image) with skin in their middle, enlarged FACE_ENLARGE times."""
+    """OpenCV's Haar frontal faces (alt2 cascade, equalised grey image) with skin in their middle, each box
+    enlarged FACE_ENLARGE times about its centre."""
     import cv2
 
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_alt2.xml")
@@ -216,9 +217,10 @@ def font_paths() -> list[Path]:
 
 def sentence(rng: random.Random, font: ImageFont.FreeTypeFont, width: int) -> str:
     """Words and a number drawn at random until the line is as wide as fits (no dictionary sentence to guess)."""
-    words = [rng.choice(WORDS).capitalize()]
+    vocabulary = VOCABULARY.split()
+    words = [rng.choice(vocabulary).capitalize()]
     while True:
-        candidate = rng.choice(WORDS) if rng.random() < 0.8 else str(rng.randint(2, 9999))
+        candidate = rng.choice(vocabulary) if rng.random() < 0.8 else str(rng.randint(2, 9999))
         if font.getlength(" ".join([*words, candidate])) > width:
             return " ".join(words)
         words.append(candidate)
@@ -233,8 +235,10 @@ def cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return scaled.crop((left, top, left + size[0], top + size[1]))
 
 
-def text_card(background: Image.Image, font_path: Path, first_dark: bool, seed: int) -> tuple[np.ndarray, list[TextLine]]:
-    """One line per TEXT_SIZES over a photo; each on a half-transparent band, dark on light and light on dark alternating."""
+def text_card(background: Image.Image, font_path: Path, first_dark: bool,
+              seed: int) -> tuple[np.ndarray, list[TextLine]]:
+    """One line per TEXT_SIZES over a photo, each on a band that lets the photo show through; dark on light and
+    light on dark alternate."""
     card = cover(background, CARD_SIZE).convert("RGB")
     rng = random.Random(seed)
     margin, y = 8, 6
@@ -324,7 +328,7 @@ def encode(image: Image.Image, fmt: str, **options: Any) -> tuple[int, np.ndarra
 
 
 def largest_quality_within(code: Callable[[int], tuple[int, np.ndarray]], budget: int) -> int | None:
-    """Binary search for the largest quality whose file is at most ``budget`` bytes (None if even the lowest is over)."""
+    """Binary search for the largest quality whose file is at most ``budget`` bytes (None if the lowest is over)."""
     low, high = QUALITY_RANGE
     if code(low)[0] > budget:
         return None
@@ -423,7 +427,6 @@ def score(subject: Subject, rate: float, point: Coded, stlpips: STLPIPS,
 
 def original_rows(subject: Subject) -> list[dict[str, Any]]:
     """OCR of the uncoded rendered lines against their truth: the ceiling the codecs are read against."""
-    height, width = subject.rgb.shape[:2]
     return [{"set": subject.set, "kind": "text", "image": subject.name, "item": index,
              "band": size_band(line.size_px), "size_px": line.size_px, "config": "original", "codec": "original",
              "rate": 0, "bytes": "", "bpp": 24, "acc_original": 1.0,
@@ -622,6 +625,12 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 ys.append(mean(r[column] for r in group))
         return xs, ys
 
+    def save(figure: Any, path: Path) -> Path:
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+
     def style(config: str) -> dict[str, Any]:
         return {"lw": 2.2 if config.startswith("sdl") else 1.3, "marker": "o", "ms": 3}
 
@@ -631,7 +640,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                  ("rendered", "acc_truth", "rendered text vs truth"), ("photo", "acc_original", "photo lettering")]
     text_rows = [t for t in text_rows if any(r["kind"] == "text" and r["set"] == t[0] for r in rows)]
     if text_rows:
-        fig, axes = plt.subplots(len(text_rows), len(bands), figsize=(4 * len(bands), 3.2 * len(text_rows)),
+        figure, axes = plt.subplots(len(text_rows), len(bands), figsize=(4 * len(bands), 3.2 * len(text_rows)),
                                  squeeze=False)
         for (text_set, column, name), row_axes in zip(text_rows, axes, strict=True):
             for band, ax in zip(bands, row_axes, strict=True):
@@ -643,11 +652,11 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 ax.set_xlabel("bits per pixel")
         axes[0][0].set_ylabel("character accuracy")
         axes[0][0].legend(fontsize=7)
-        written.append(out / "fidelity_text.png")
+        written.append(save(figure, out / "fidelity_text.png"))
     for kind, name in (("face", "face crops"), ("whole", "whole photos")):
         if not any(r["kind"] == kind for r in rows):
             continue
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
         for (column, label), ax in zip((("psnr", "PSNR (dB)"), ("msssim", "MS-SSIM"),
                                         ("stlpips", "ST-LPIPS, lower is better")), axes, strict=True):
             for config in configs:
@@ -656,12 +665,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.set_xlabel("bits per pixel")
         axes[0].legend(fontsize=7)
-        written.append(out / f"fidelity_{kind}.png")
-    for number, path in zip(plt.get_fignums(), written, strict=True):
-        figure = plt.figure(number)
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
+        written.append(save(figure, out / f"fidelity_{kind}.png"))
     return written
 
 
