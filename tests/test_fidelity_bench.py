@@ -18,7 +18,7 @@ if shutil.which("tesseract") is None:
     pytest.skip("tesseract is not installed (apt-get install tesseract-ocr)", allow_module_level=True)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import fidelity  # noqa: E402
+import fidelity
 
 
 def test_character_accuracy_counts_edits_against_the_reference_length() -> None:
