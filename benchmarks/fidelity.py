@@ -64,9 +64,9 @@ OCR_TEXT_PX = 40
 #: lettering in a photo counts when tesseract reads a word of this many letters/digits with this confidence
 PHOTO_WORD_MIN_CHARS, PHOTO_WORD_MIN_CONFIDENCE = 3, 80
 VOCABULARY = ("the and for you with this from open daily store market station river north road street house "
-         "coffee garden museum hotel ticket exit only price sale new fresh local park bridge office city "
-         "bank service centre school library music water light train platform welcome please keep closed "
-         "left right entrance parking free hours monday friday sunday")
+              "coffee garden museum hotel ticket exit only price sale new fresh local park bridge office city "
+              "bank service centre school library music water light train platform welcome please keep closed "
+              "left right entrance parking free hours monday friday sunday")
 CSV_FIELDS = ["set", "kind", "image", "item", "band", "size_px", "config", "codec", "options", "rate", "quality",
               "bytes", "bpp", "psnr", "msssim", "stlpips", "acc_truth", "acc_original", "ocr"]
 
