@@ -34,6 +34,17 @@ KODAK = HERE.parent.parent / "shared" / "data" / "kodak"
 WIDTH, HEIGHT = 768, 512
 
 
+def hardware_name() -> str:
+    """The CPU model (from /proc/cpuinfo) and the cores this process may use."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+
+
 def _sync(device: str) -> None:
     import torch
 
