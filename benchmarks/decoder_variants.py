@@ -365,7 +365,8 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], option_rows: lis
         verdict = "" if r["variant"] == "float32" else ("yes" if qualifies(rows, r["network"], r["variant"]) else "no")
         lines.append(f"| {r['network']} | {r['variant']} | {r['set']} ({r['photos']}) | {r['ms']:.0f} | "
                      f"{r['speedup']:.2f}x | {r['load1']:.1f} | {r['psnr']:.2f} | {r['d_psnr']:+.3f} | "
-                     f"{r['worst_d_psnr']:+.3f} | {r['stlpips']:.4f} | {r['d_stlpips']:+.4f} | {r['max_diff']:.0f} | {verdict} |")
+                     f"{r['worst_d_psnr']:+.3f} | {r['stlpips']:.4f} | {r['d_stlpips']:+.4f} | "
+                     f"{r['max_diff']:.0f} | {verdict} |")
     if option_rows:
         lines += ["", "## float32 session options (taesd decoder, 768x512)", "",
                   "| setting | ms | vs the codec's | load1 |", "| --- | ---: | ---: | ---: |"]
