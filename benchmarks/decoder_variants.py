@@ -10,7 +10,8 @@ ONNX exporter as the codec does (``ort_engine``) and turned into:
 - ``float16``: the module cast to half before export (weights, activations, inputs in float16);
 - ``int8-qdq`` and ``int8-qop``: ``onnxruntime.quantization.quantize_static``, QDQ and QOperator
   formats, uint8 activations, int8 per-channel weights, MinMax calibration on the inputs the network
-  sees in real files (latents of 16 training photos outside the held-out split; never Kodak).
+  sees in real files (latents of 16 training photos outside the held-out split, centre-cropped to
+  384x256; never Kodak).
 
 Speed: ms per 768x512 decode (the restorer: per 768x512 image's latent), best of ``--repeats``, every
 variant run back to back with float32 in each round so that machine load hits all alike. Quality:
@@ -60,6 +61,9 @@ OUT = REPO / "docs" / "speed"
 PSNR_TOLERANCE_DB = 0.1
 STLPIPS_TOLERANCE = 0.002
 CALIBRATION_PHOTOS = 16
+#: ORT's MinMax calibration keeps every intermediate tensor of every run until it is done: crops keep that
+#: bounded (16 whole 768x512 decodes would hold several GB), and the ranges it takes are per tensor anyway
+CALIBRATION_SIZE = (384, 256)
 #: the restorer runs from step 0.45 up (restore.HELPFUL_STEPS); quality 60 is step 0.61
 RESTORER_QUALITY = 60
 TIMING_SIZE = (768, 512)
@@ -203,10 +207,11 @@ def load_rgb(path: Path, size: tuple[int, int] = TIMING_SIZE) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + width, top + height)))
 
 
-def photos(network: Network, paths: list[Path]) -> Iterator[Photo]:
-    """Each photo through the codec: saved as ``.sdl``, then the latent this network receives on decode."""
+def photos(network: Network, paths: list[Path], size: tuple[int, int] = TIMING_SIZE) -> Iterator[Photo]:
+    """Each photo (cropped to ``size``) through the codec: saved as ``.sdl``, then the latent this network
+    receives on decode."""
     for path in paths:
-        rgb = load_rgb(path)
+        rgb = load_rgb(path, size)
         data = codec.encode_image(Image.fromarray(rgb), network.save_options)
         fp = io.BytesIO(data)
         layout = container.read_layout(fp)
@@ -305,7 +310,7 @@ def main() -> None:
     float_decoder = Variant("float32", taesd, export(taesd, torch.float32)) if "restorer" in wanted else None
     for network in [n for n in candidates if n.name in wanted]:
         print(f"{network.name}: encoding photos", file=sys.stderr)
-        calibration = list(photos(network, calibration_paths(CALIBRATION_PHOTOS)))
+        calibration = list(photos(network, calibration_paths(CALIBRATION_PHOTOS), CALIBRATION_SIZE))
         feeds = [network.feeds(p.latent, p.step, np.float32) for p in calibration]
         graph = export(network, torch.float32)
         variants = [Variant("float32", network, graph), Variant("float16", network, export(network, torch.float16))]
