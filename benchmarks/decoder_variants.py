@@ -351,7 +351,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], option_rows: lis
                 writer.writeheader()
                 writer.writerows(table)
     command = ("PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/decoder_variants.py "
-               f"--held-out {args.held_out} --kodak {args.kodak} --repeats {args.repeats}")
+               f"--held-out {args.held_out} --kodak {args.kodak} --repeats {args.repeats} --networks {args.networks}")
     lines = [
         "# Decoder variants: int8 and float16 against float32 (ONNX Runtime, CPU)", "",
         f"`{command}`", "",
