@@ -247,7 +247,7 @@ def main() -> None:
 
     from pillow_sdlatent import models
 
-    ceiling = matmul_ceiling(args.device)
+    ceiling = matmul_ceiling(args.device) if args.models else float("nan")  # a minute of products: only for the table
     hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
         f"{hardware_name()}, {torch.get_num_threads()} threads")
     defaults = {m: models.resolve_runtime(models.get_spec(m), args.device) for m in args.models}
@@ -262,10 +262,11 @@ def main() -> None:
         row["ceiling_share"] = row["gflops"] / ceiling
         rows.append(row)
         print(f"  measured {job['model']} {job['variant']} {job['phase']}", file=sys.stderr)
-    print(f"\n{hardware}; matrix-product ceiling {ceiling:.0f} GFLOP/s "
-          f"({'float32' if args.device == 'cpu' else 'float16'})\n")
-    print("| model | variant | phase | ms / MP | GFLOP (768x512) | GFLOP/s | of ceiling | peak MiB |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    if rows:
+        print(f"\n{hardware}; matrix-product ceiling {ceiling:.0f} GFLOP/s "
+              f"({'float32' if args.device == 'cpu' else 'float16'})\n")
+        print("| model | variant | phase | ms / MP | GFLOP (768x512) | GFLOP/s | of ceiling | peak MiB |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['model']} | {r['variant']} | {r['phase']} | {r['ms_per_mp']:.0f} | {r['gflop']:.0f} | "
               f"{r['gflops']:.0f} | {r['ceiling_share']:.0%} | {r['peak_mib']:.0f} |")
