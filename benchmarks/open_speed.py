@@ -62,6 +62,7 @@ def best_of(run: Callable[[], Any], repeats: int) -> float:
 
 
 def _row(stage: str, side: str, seconds: float, statistic: str, size: int | None = None) -> dict[str, Any]:
+    print(f"  {stage}: {seconds * 1e3:.1f} ms ({statistic})", file=sys.stderr)  # a cut-short run still says something
     return {"stage": stage, "side": side, "value": seconds * 1e3, "unit": "ms", "statistic": statistic,
             "bytes": size, "load1": os.getloadavg()[0]}
 
