@@ -91,7 +91,9 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     restorer_step = max(step, restore.HELPFUL_STEPS[0])
 
     def thumbnail() -> None:
-        opened().thumbnail(THUMBNAIL)
+        image = opened()
+        image.thumbnail(THUMBNAIL)  # when the preview is already the size, Pillow leaves the pixels unloaded
+        image.load()
 
     rows = [
         _row("header parse (Image.open)", "decode", best_of(opened, repeats), best, len(data)),
@@ -199,6 +201,6 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
              "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
     for row in rows:
         ratio = f"{row['ratio_to_avif']:.1f}" if row.get("ratio_to_avif") is not None else ""
-        lines.append(f"| {row['stage']} | {row['side']} | {row['value']:.1f} {row['unit']} | {ratio} | "
+        lines.append(f"| {row['stage']} | {row['side']} | {row['value']:.3g} {row['unit']} | {ratio} | "
                      f"{row['bytes'] or ''} | {row['statistic']} | {row['load1']:.1f} |")
     return lines
