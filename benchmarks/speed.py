@@ -11,6 +11,12 @@ codec's two runtimes (``onnxruntime`` is the codec's default for TAESD on a CPU 
 ``--large`` adds the bounded-memory checks: a 24-megapixel round trip's peak memory, the tiled-vs-untiled
 PSNR, and the 1/8-scale preview's time and PSNR; ``--models`` with no names runs only those.
 Writes benchmarks/results/speed_<device>.json.
+
+``--stages`` adds where the time of opening and saving a photo goes (``open_speed.py``), beside AVIF,
+JPEG XL and WebP, and writes docs/speed/stages.csv and stages.md (with ``--large``, the 24-megapixel
+rows too). The whole set, to rerun on a quiet machine:
+
+    PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/speed.py --models --stages --large --repeats 5
 """
 
 from __future__ import annotations
@@ -30,8 +36,20 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+DOCS = HERE.parent / "docs" / "speed"
 KODAK = HERE.parent.parent / "shared" / "data" / "kodak"
 WIDTH, HEIGHT = 768, 512
+
+
+def hardware_name() -> str:
+    """The CPU model (from /proc/cpuinfo) and the cores this process may use."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
 def _sync(device: str) -> None:
@@ -223,14 +241,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["taesd", "sd-vae"],
                         help="models for the speed table (none: only --large)")
     parser.add_argument("--large", action="store_true", help="add the 24-MP, tiling and preview checks")
+    parser.add_argument("--stages", action="store_true",
+                        help="add each stage of opening and saving a 768x512 photo, beside AVIF, JPEG XL and WebP")
     args = parser.parse_args()
     import torch
 
     from pillow_sdlatent import models
 
-    ceiling = matmul_ceiling(args.device)
+    ceiling = matmul_ceiling(args.device) if args.models else float("nan")  # a minute of products: only for the table
     hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+        f"{hardware_name()}, {torch.get_num_threads()} threads")
     defaults = {m: models.resolve_runtime(models.get_spec(m), args.device) for m in args.models}
     jobs = [{"model": m, "variant": v, "phase": p, "device": args.device, "repeats": args.repeats}
             for m in args.models for v in ("plain", *dict.fromkeys(("torch", defaults[m])))
@@ -243,10 +263,11 @@ def main() -> None:
         row["ceiling_share"] = row["gflops"] / ceiling
         rows.append(row)
         print(f"  measured {job['model']} {job['variant']} {job['phase']}", file=sys.stderr)
-    print(f"\n{hardware}; matrix-product ceiling {ceiling:.0f} GFLOP/s "
-          f"({'float32' if args.device == 'cpu' else 'float16'})\n")
-    print("| model | variant | phase | ms / MP | GFLOP (768x512) | GFLOP/s | of ceiling | peak MiB |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    if rows:
+        print(f"\n{hardware}; matrix-product ceiling {ceiling:.0f} GFLOP/s "
+              f"({'float32' if args.device == 'cpu' else 'float16'})\n")
+        print("| model | variant | phase | ms / MP | GFLOP (768x512) | GFLOP/s | of ceiling | peak MiB |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['model']} | {r['variant']} | {r['phase']} | {r['ms_per_mp']:.0f} | {r['gflop']:.0f} | "
               f"{r['gflops']:.0f} | {r['ceiling_share']:.0%} | {r['peak_mib']:.0f} |")
@@ -256,13 +277,49 @@ def main() -> None:
         print(f"\n{model} round trip as the codec runs it ({defaults[model]}): "
               f"{sum(r['seconds'] for r in trip):.2f} s for 768x512, {share:.0%} of the ceiling")
     report = {"device": args.device, "hardware": hardware, "ceiling_gflops": ceiling, "rows": rows}
+    if args.stages:
+        import open_speed
+
+        report["stages"] = open_speed.stage_rows(args.repeats)
     if args.large:
         report["large"] = large_checks(args.device)
         print("\n" + "\n".join(f"{k}: {v:.2f}" for k, v in report["large"].items()))
+    if args.stages:
+        write_stages(report["stages"], report.get("large", {}), args.repeats)
     out = HERE / "results" / f"speed_{args.device.split(':')[0]}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {out}")
+
+
+def write_stages(stages: list[dict[str, Any]], large: dict[str, Any], repeats: int) -> None:
+    """docs/speed/stages.csv and stages.md: the stage table, the machine, and the 24-MP round trip if measured."""
+    import csv
+
+    import open_speed
+
+    load = os.getloadavg()[0]
+    rows = [*stages, *({"stage": f"24 MP round trip (6000x4000): {name}", "side": side, "value": large[key],
+                        "unit": unit, "statistic": "once, fresh process", "bytes": large["24mp_bytes"],
+                        "load1": load, "ratio_to_avif": None}
+                       for key, name, side, unit in (("24mp_peak_rss_mib", "peak RSS (VmHWM)", "both", "MiB"),
+                                                     ("24mp_encode_s", "save", "encode", "s"),
+                                                     ("24mp_decode_s", "decode", "decode", "s"))
+                       if key in large)]
+    machine = f"{hardware_name()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    DOCS.mkdir(parents=True, exist_ok=True)
+    with open(DOCS / "stages.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["stage", "side", "value", "unit", "ratio_to_avif", "statistic",
+                                               "bytes", "load1", "machine"])
+        writer.writeheader()
+        writer.writerows({**row, "machine": machine} for row in rows)
+    command = ("PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/speed.py --models --stages"
+               f"{' --large' if large else ''} --repeats {repeats}")
+    lines = open_speed.table(rows)
+    text = "\n".join([f"# Opening and saving a 768x512 photo, stage by stage\n\n`{command}`\n\n{machine}.",
+                      open_speed.NOTES, *lines]) + "\n"
+    (DOCS / "stages.md").write_text(text)
+    print("\n" + text + f"\nwrote {DOCS / 'stages.csv'}")
 
 
 def _cuda() -> bool:

@@ -87,7 +87,6 @@ def test_truncated_payload_is_an_os_error(sdl_bytes: bytes, monkeypatch: pytest.
 def test_a_truncated_payload_keeps_what_it_holds(photo: Image.Image, coder: str) -> None:
     """With LOAD_TRUNCATED_IMAGES the symbols before the cut decode exactly and only the rest is zero
     (the whole latent used to be zeroed: a flat grey picture)."""
-    import numpy as np
 
     from pillow_sdlatent.core.read import latent_from_layout
 

@@ -1,0 +1,208 @@
+"""Where the time of opening and saving an ``.sdl`` photo goes, stage by stage, beside AVIF, JPEG XL and WebP.
+
+Run through ``python benchmarks/speed.py --stages`` (see its docstring). For a 768x512 Kodak photo saved
+at the default quality it times each stage of ``load()`` by calling the codec's own functions (header
+parse, entropy decode, dequantize, restorer, decoder network, resampling and mode), the whole ``load()``
+warm, a fresh ``python -c`` process that opens and loads the file (median of 3, with a second,
+instrumented run that splits imports, model loading and decoding), ``thumbnail((96, 64))`` and
+``save()``; then AVIF, JPEG XL and WebP (Pillow, pillow-jxl-plugin) encode and decode of the same
+photo at the quality whose file is closest in size. In-process times are the best of ``repeats``;
+every row records the 1-minute load average when it was measured.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from speed import KODAK
+
+PHOTO = KODAK / "kodim23.png"
+THUMBNAIL = (96, 64)
+#: qualities searched for each classic codec's file closest in size to the .sdl file
+QUALITIES = range(0, 101)
+FRESH_RUNS = 3
+#: the fresh-process command, as a user would type it
+FRESH_LOAD = "from PIL import Image; import pillow_sdlatent; Image.open({path!r}).load()"
+#: the same, timed inside: imports, model loading (weights, ONNX export, session), then open+load
+FRESH_SPLIT = """
+import json, time
+start = time.perf_counter()
+from PIL import Image
+import pillow_sdlatent
+from pillow_sdlatent import models
+import torch, diffusers, onnxruntime
+imported = time.perf_counter()
+models.load_model("taesd")
+loaded = time.perf_counter()
+Image.open({path!r}).load()
+done = time.perf_counter()
+print(json.dumps({{"imports": imported - start, "model": loaded - imported, "open+load": done - loaded}}))
+"""
+
+
+def best_of(run: Callable[[], Any], repeats: int) -> float:
+    """Best seconds of ``repeats`` calls after one warm-up call (the least disturbed by other load)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _row(stage: str, side: str, seconds: float, statistic: str, size: int | None = None) -> dict[str, Any]:
+    print(f"  {stage}: {seconds * 1e3:.1f} ms ({statistic})", file=sys.stderr)  # a cut-short run still says something
+    return {"stage": stage, "side": side, "value": seconds * 1e3, "unit": "ms", "statistic": statistic,
+            "bytes": size, "load1": os.getloadavg()[0]}
+
+
+def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], bytes]:
+    """The .sdl file's stages, each through the codec's own function, and the file."""
+    import pillow_sdlatent  # noqa: F401 - registers the format
+    from pillow_sdlatent import pipeline
+    from pillow_sdlatent.core import container, modes, read
+    from pillow_sdlatent.enhance import restore
+
+    buffer = io.BytesIO()
+    photo.save(buffer, format="SDL")
+    data = buffer.getvalue()
+    best = f"best of {repeats}"
+
+    def opened() -> Image.Image:
+        return Image.open(io.BytesIO(data))
+
+    layout = opened().layout
+    payload = container.read_payload(io.BytesIO(data), layout)
+    symbols = read.read_symbols(layout, payload)
+    latent = read.dequantize(layout, symbols)
+    decoder = pipeline.decoder_for(layout)
+    cleaned = pipeline.clean_latent(latent, layout, decoder)
+    rgb = decoder.decode_image(cleaned)
+    step = max(read.file_quantizer(layout.header).steps)
+    restorer_step = max(step, restore.HELPFUL_STEPS[0])
+
+    def thumbnail() -> None:
+        image = opened()
+        image.thumbnail(THUMBNAIL)  # when the preview is already the size, Pillow leaves the pixels unloaded
+        image.load()
+
+    rows = [
+        _row("header parse (Image.open)", "decode", best_of(opened, repeats), best, len(data)),
+        _row(f"entropy decode ({layout.header.coder})", "decode",
+             best_of(lambda: read.read_symbols(layout, payload), repeats), best),
+        _row("dequantize", "decode", best_of(lambda: read.dequantize(layout, symbols), repeats), best),
+        _row(f"restorer at this file's step {step:.2f} (runs from {restore.HELPFUL_STEPS[0]})", "decode",
+             best_of(lambda: pipeline.clean_latent(latent, layout, decoder), repeats), best),
+        _row(f"restorer network alone (step {restorer_step:.2f})", "decode",
+             best_of(lambda: restore.restore_latent(latent, restorer_step, "taesd"), repeats), best),
+        _row(f"decoder network ({decoder.runtime}, float32)", "decode",
+             best_of(lambda: decoder.decode_image(cleaned), repeats), best),
+        _row("resampling and mode (full_size, finish_mode)", "decode",
+             best_of(lambda: modes.finish_mode(pipeline.full_size(rgb, layout.header), layout, None), repeats), best),
+        _row("whole load(), warm", "decode", best_of(lambda: opened().load(), repeats), best, len(data)),
+        _row(f"thumbnail({THUMBNAIL[0]}, {THUMBNAIL[1]}), warm", "decode", best_of(thumbnail, repeats), best),
+        _row("save(), warm", "encode", best_of(lambda: photo.save(io.BytesIO(), format="SDL"), repeats), best,
+             len(data)),
+    ]
+    return rows, data
+
+
+def fresh_process_rows(data: bytes) -> list[dict[str, Any]]:
+    """``python -c`` that opens and loads the file, wall time as a user sees it (median of ``FRESH_RUNS``),
+    and the instrumented run's split of it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "photo.sdl"
+        path.write_bytes(data)
+        walls = []
+        for _ in range(FRESH_RUNS):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", FRESH_LOAD.format(path=str(path))], check=True)
+            walls.append(time.perf_counter() - start)
+        splits = [json.loads(subprocess.run([sys.executable, "-c", FRESH_SPLIT.format(path=str(path))], check=True,
+                                            capture_output=True, text=True).stdout.splitlines()[-1])
+                  for _ in range(FRESH_RUNS)]
+    median = f"median of {FRESH_RUNS}"
+    rows = [_row("fresh process: python -c open+load", "decode", statistics.median(walls), median, len(data))]
+    for part, label in (("imports", "imports (PIL, pillow_sdlatent, torch, diffusers, onnxruntime)"),
+                        ("model", "model load (weights, ONNX export, session)"), ("open+load", "open+load")):
+        rows.append(_row(f"fresh process, of which: {label}", "decode",
+                         statistics.median(split[part] for split in splits), median))
+    return rows
+
+
+def classic_rows(photo: Image.Image, target: int, repeats: int) -> list[dict[str, Any]]:
+    """AVIF, JPEG XL and WebP encode and decode at the quality whose file is closest to ``target`` bytes."""
+    from pillow_jxl import JpegXLImagePlugin  # noqa: F401 - registers JXL
+
+    rows = []
+    for name, fmt in (("AVIF", "AVIF"), ("JPEG XL", "JXL"), ("WebP", "WEBP")):
+        def encode(quality: int, fmt: str = fmt) -> bytes:
+            buffer = io.BytesIO()
+            photo.save(buffer, format=fmt, quality=quality)
+            return buffer.getvalue()
+
+        quality = _closest_quality(encode, target)
+        data = encode(quality)
+        label = f"{name} q{quality}"
+        rows.append(_row(f"{label} decode (open+load)", "decode",
+                         best_of(lambda data=data: Image.open(io.BytesIO(data)).load(), repeats),
+                         f"best of {repeats}", len(data)))
+        rows.append(_row(f"{label} encode (save)", "encode",
+                         best_of(lambda quality=quality, encode=encode: encode(quality), repeats),
+                         f"best of {repeats}", len(data)))
+    return rows
+
+
+def _closest_quality(encode: Callable[[int], bytes], target: int) -> int:
+    """The quality whose file is closest to ``target`` bytes (sizes grow with quality: bisection)."""
+    low, high = QUALITIES[0], QUALITIES[-1]
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if len(encode(middle)) <= target else (low, middle)
+    return min((low, high), key=lambda q: abs(len(encode(q)) - target))
+
+
+def stage_rows(repeats: int) -> list[dict[str, Any]]:
+    """Every row of the stage table, with its ratio to AVIF's decode (decode rows) or encode (encode rows)."""
+    with Image.open(PHOTO) as opened:
+        photo = opened.convert("RGB")
+    rows, data = sdl_stages(photo, repeats)
+    rows += fresh_process_rows(data)
+    rows += classic_rows(photo, len(data), repeats)
+    avif = {row["side"]: row["value"] for row in rows if row["stage"].startswith("AVIF")}
+    for row in rows:
+        row["ratio_to_avif"] = row["value"] / avif[row["side"]]
+    return rows
+
+
+NOTES = """
+Each stage is timed through the codec's own function on the file saved at the default quality;
+`x AVIF` divides by AVIF's decode (decode rows) or encode (encode rows) of the same photo at the
+quality whose file is closest in size, measured in the same run. The classic codecs run with
+Pillow's defaults (AVIF: libavif speed 6, all cores). `load1` is the 1-minute load average when the
+row was measured: on a shared machine every time reads slower, and more so for the longer rows.
+"""
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows as a Markdown table."""
+    lines = ["| stage | side | value | x AVIF | bytes | statistic | load1 |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
+    for row in rows:
+        ratio = f"{row['ratio_to_avif']:.1f}" if row.get("ratio_to_avif") is not None else ""
+        lines.append(f"| {row['stage']} | {row['side']} | {row['value']:.3g} {row['unit']} | {ratio} | "
+                     f"{row['bytes'] or ''} | {row['statistic']} | {row['load1']:.1f} |")
+    return lines
