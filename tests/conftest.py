@@ -39,3 +39,19 @@ def photo() -> Image.Image:
     """A 192x128 crop of a real photo: quick to code, real image statistics."""
     with Image.open(KODAK / "kodim23.png") as image:
         return image.convert("RGB").crop((300, 100, 492, 228))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA: skipped cleanly where there is none (CI never has one)."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))

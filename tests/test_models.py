@@ -148,3 +148,19 @@ def test_runtime_choice_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert models.resolve_runtime(taesd, "cpu") == "torch"
     with pytest.raises(ImportError, match="onnxruntime"):
         models.resolve_runtime(taesd, "cpu", "onnxruntime")
+
+
+@pytest.mark.gpu
+def test_files_cross_between_gpu_and_cpu(photo: Image.Image) -> None:
+    """A file encoded on the GPU (float16) decodes on the CPU and the reverse; the two decoders agree
+    within what float16 allows (FORMAT.md: the network's output is best effort)."""
+    on_gpu, on_cpu = io.BytesIO(), io.BytesIO()
+    photo.save(on_gpu, "SDL", device="cuda")
+    photo.save(on_cpu, "SDL", device="cpu")
+    for data in (on_gpu.getvalue(), on_cpu.getvalue()):
+        cpu, gpu = pipeline.decode_file(data, device="cpu"), pipeline.decode_file(data, device="cuda")
+        assert psnr(photo, cpu) > 22 and psnr(photo, gpu) > 22
+        assert psnr(cpu, gpu) > 35
+    refined = io.BytesIO()
+    photo.save(refined, "SDL", device="cuda", quality=40, effort=1)  # effort through the restorer on CUDA
+    assert psnr(photo, pipeline.decode_file(refined.getvalue(), device="cpu")) > 20

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pillow_sdlatent import models, pipeline, rate
-from pillow_sdlatent.models import tiling
+from pillow_sdlatent.models import tiling, weights
 from tests.conftest import psnr
 
 
@@ -101,7 +101,7 @@ def test_tiles_blend_without_visible_seams(square: Image.Image, monkeypatch: pyt
     model = models.load_model("taesd")
     rgb = np.asarray(square.resize((640, 384)))
     whole = model.decode_image(model.encode_image(rgb))
-    monkeypatch.setattr(models, "TILE_PIXELS", 256)
+    monkeypatch.setattr(tiling, "TILE_PIXELS", 256)
     monkeypatch.setattr(tiling, "TILED_ABOVE_PIXELS", 256 * 256)
     tiled = model.decode_image(model.encode_image(rgb))
     seam_psnr, codec_psnr = psnr(whole, tiled), psnr(rgb, whole)
@@ -215,6 +215,7 @@ def test_missing_high_rate_weights_fall_back_with_a_warning(square: Image.Image,
     for part in ("encoder", "decoder"):
         (tmp_path / f"taesd_{part}.safetensors").symlink_to(shared / f"taesd_{part}.safetensors")
     monkeypatch.setenv(models.MODELS_ENV, str(tmp_path))
+    monkeypatch.setattr(weights, "BUNDLED_DIR", tmp_path)  # as a package without the bundled copies
     with pytest.warns(UserWarning, match="taesd3"):
         data = encoded(square, quality=95)
     assert _model_of(data) == "taesd"

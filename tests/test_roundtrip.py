@@ -24,6 +24,7 @@ def save_load(image: Image.Image, **options) -> tuple[Image.Image, int]:
     return decoded, size
 
 
+@pytest.mark.slow  # all 24 Kodak photos: about a minute
 def test_kodak_default_quality(kodak_files: list[Path]) -> None:
     """All 24 Kodak photos at the default quality: about 0.14 bpp at the measured PSNR."""
     rates, scores = [], []

@@ -188,4 +188,4 @@ def test_shared_weights_are_the_bundled_ones() -> None:
             file = f"{name}_{part}.safetensors"
             assert (models.BUNDLED_DIR / file).read_bytes() == (SHARED / "models" / "taesd" / file).read_bytes()
     notice = (models.BUNDLED_DIR / "NOTICE.md").read_text()
-    assert all(f.name in notice for f in models.BUNDLED_DIR.glob("*") if f.name != "NOTICE.md")
+    assert all(f.name in notice for f in models.BUNDLED_DIR.glob("*.*") if f.name != "NOTICE.md")
