@@ -189,3 +189,19 @@ def test_shared_weights_are_the_bundled_ones() -> None:
             assert (models.BUNDLED_DIR / file).read_bytes() == (SHARED / "models" / "taesd" / file).read_bytes()
     notice = (models.BUNDLED_DIR / "NOTICE.md").read_text()
     assert all(f.name in notice for f in models.BUNDLED_DIR.glob("*.*") if f.name != "NOTICE.md")
+
+
+@pytest.mark.skipif(os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/kfd"),
+                    reason="a GPU driver is present: torch is asked whether CUDA works")
+def test_a_cpu_only_machine_decodes_without_importing_torch(photo: Image.Image, tmp_path: Path) -> None:
+    """torch is installed here, but with no GPU driver the default device is the CPU without asking
+    torch, so opening a file in a fresh process never pays torch's import."""
+    path = tmp_path / "photo.sdl"
+    photo.save(path)
+    script = ("import sys; from PIL import Image; import pillow_sdlatent\n"
+              f"Image.open({str(path)!r}).load()\n"
+              "print('torch' in sys.modules)")
+    env = {key: value for key, value in os.environ.items() if key not in (models.DEVICE_ENV, models.RUNTIME_ENV)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -7,6 +7,7 @@ device check needs it, and then a missing torch says which install brings it.
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,8 @@ def import_torch(purpose: str) -> ModuleType:
 def resolve_device(device: str | None = None) -> str:
     """The explicit device, else $PILLOW_SDLATENT_DEVICE, else CUDA, MPS, CPU in that order.
 
-    Without torch installed only the CPU exists, and it is chosen without importing anything.
+    Without torch installed, or on a Linux machine without the NVIDIA driver, only the CPU exists,
+    and it is chosen without importing torch.
     """
     choice = device or os.environ.get(DEVICE_ENV) or ""
     if choice == "cpu":
@@ -52,6 +54,8 @@ def resolve_device(device: str | None = None) -> str:
         except RuntimeError:
             raise ValueError(f"unknown device {choice!r}") from None
         return choice
+    if not _accelerator_possible():
+        return "cpu"
     try:
         import torch
     except ImportError:
@@ -61,6 +65,15 @@ def resolve_device(device: str | None = None) -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def _accelerator_possible() -> bool:
+    """False where no GPU can exist, known without importing torch (about 4 s on a small CPU): a Linux
+    machine with neither the NVIDIA driver nor ROCm's device has no CUDA (and no MPS). Elsewhere only
+    torch can tell."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/kfd")
 
 
 def default_dtype(device: str) -> torch.dtype:
