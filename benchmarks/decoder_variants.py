@@ -55,6 +55,7 @@ from speed import KODAK, hardware_name
 from pillow_sdlatent import models, pipeline
 from pillow_sdlatent.core import container, read
 from pillow_sdlatent.enhance import restore
+from pillow_sdlatent.options import DecodeOptions
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO.parent / "shared" / "data" / "train"
@@ -220,7 +221,8 @@ def photos(network: Network, paths: list[Path], size: tuple[int, int] = TIMING_S
         latent = read.latent_from_layout(fp, layout)
         step = max(read.file_quantizer(layout.header).steps)
         if not network.is_restorer:
-            latent = pipeline.clean_latent(latent, layout, pipeline.decoder_for(layout))
+            options = DecodeOptions()
+            latent = pipeline.clean_latent(latent, layout, pipeline.decoder_for(layout, options), options)
         yield Photo(path.stem, rgb, latent, step)
 
 

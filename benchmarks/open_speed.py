@@ -73,6 +73,7 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     from pillow_sdlatent import pipeline
     from pillow_sdlatent.core import container, modes, read
     from pillow_sdlatent.enhance import restore
+    from pillow_sdlatent.options import DecodeOptions
 
     buffer = io.BytesIO()
     photo.save(buffer, format="SDL")
@@ -86,8 +87,8 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     payload = container.read_payload(io.BytesIO(data), layout)
     symbols = read.read_symbols(layout, payload)
     latent = read.dequantize(layout, symbols)
-    decoder = pipeline.decoder_for(layout)
-    cleaned = pipeline.clean_latent(latent, layout, decoder)
+    decoder = pipeline.decoder_for(layout, DecodeOptions())
+    cleaned = pipeline.clean_latent(latent, layout, decoder, DecodeOptions())
     rgb = decoder.decode_image(cleaned)
     step = max(read.file_quantizer(layout.header).steps)
     restorer_step = max(step, restore.HELPFUL_STEPS[0])
@@ -103,7 +104,7 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
              best_of(lambda: read.read_symbols(layout, payload), repeats), best),
         _row("dequantize", "decode", best_of(lambda: read.dequantize(layout, symbols), repeats), best),
         _row(f"restorer at this file's step {step:.2f} (runs from {restore.HELPFUL_STEPS[0]})", "decode",
-             best_of(lambda: pipeline.clean_latent(latent, layout, decoder), repeats), best),
+             best_of(lambda: pipeline.clean_latent(latent, layout, decoder, DecodeOptions()), repeats), best),
         _row(f"restorer network alone (step {restorer_step:.2f})", "decode",
              best_of(lambda: restore.restore_latent(latent, restorer_step, "taesd"), repeats), best),
         _row(f"decoder network ({decoder.runtime}, float32)", "decode",
