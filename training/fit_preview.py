@@ -3,7 +3,7 @@
 For each model: encode 48 training photos (NOT Kodak: /work/shared/data/train), box-average
 each photo over the 8x8 pixels a latent cell covers, and solve least squares for
 RGB = A * latent + b, where A is a 3x3 linear filter over the latent's neighbourhood
-(see ``codec.preview_features``). Writes pillow_sdlatent/weights/preview_maps.json.
+(see ``preview.preview_features``). Writes pillow_sdlatent/weights/preview_maps.json.
 Deterministic; a few minutes on 2 CPU cores:
 
     PILLOW_SDLATENT_MODELS=../shared/models/taesd python training/fit_preview.py

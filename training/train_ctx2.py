@@ -9,11 +9,11 @@ Stages (``--stages``):
 1. ``cache``: every training photo, whole, encoded once with the TAESD encoder (as the codec pads it).
    Every 40th photo in path order is held out: those are the "other photos" of docs/rd_other, and
    the validation set here. Kodak is never read.
-2. ``train``: the float MLP of ``learned_coder`` learns a mixture of discretised logistics for each
+2. ``train``: the float MLP of ``ctx2`` learns a mixture of discretised logistics for each
    symbol from its causal neighbourhood, minimising code length. Every batch row draws a photo, a
    position and a conditioning step (half from the codec's whole range, half around the default),
    quantized as the codec does, ``rint(z / step)``.
-3. ``export``: weights rounded to the integer layout ``learned_coder`` runs, plus its lookup tables,
+3. ``export``: weights rounded to the integer layout ``ctx2`` runs, plus its lookup tables,
    into the cache folder; ``--install`` writes the package's file instead (then set
    ``ctx2.WEIGHTS_SHA256`` to the printed hash: files coded with the old network stop decoding).
 4. ``val``: real ctx2 bytes against zstd on the held-out photos at a few steps.
@@ -125,7 +125,7 @@ class Sampler:
 
 
 class FloatNet(nn.Module):
-    """The float twin of learned_coder's integer network (same inputs, clamps and outputs)."""
+    """The float twin of ctx2's integer network (same inputs, clamps and outputs)."""
 
     def __init__(self, hidden: int, mixtures: int) -> None:
         super().__init__()
@@ -178,7 +178,7 @@ def train(train_latents: list[np.ndarray], hidden: int, mixtures: int, iters: in
 
 
 def lookup_tables() -> dict[str, np.ndarray]:
-    """The integer tables learned_coder reads instead of computing exp and sigmoid itself."""
+    """The integer tables ctx2 reads instead of computing exp and sigmoid itself."""
     log_scales = np.arange(LOG_SCALE_RANGE[0], LOG_SCALE_RANGE[1] + 1) / lc.LOG_SCALE_STEPS
     sig_args = (np.arange(2 * lc.SIG_HALF + 1) - lc.SIG_HALF) / lc.SIG_RES
     tables = {
@@ -192,7 +192,7 @@ def lookup_tables() -> dict[str, np.ndarray]:
 
 
 def export(net: FloatNet, path: Path) -> str:
-    """Round to learned_coder's integer layout and write the safetensors file; returns its SHA-256."""
+    """Round to ctx2's integer layout and write the safetensors file; returns its SHA-256."""
     from safetensors.numpy import save
 
     def q(t: torch.Tensor, bits: int) -> np.ndarray:

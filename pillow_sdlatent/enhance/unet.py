@@ -16,7 +16,7 @@ With SD 1.x's schedule and 66 steps (grid 1, 16, 31, ...): step <= 0.15 -> t = 1
 mapping the original way: the largest grid timestep <= strength * 1000 (0.04 -> t = 31).
 
 Weights: only safetensors are read (``.ckpt``/``.bin``/``.pth`` are refused). Looked up as
-``models.py`` does: an explicit path, then ``$PILLOW_SDLATENT_MODELS/<repo name>``, then the
+``models.weights`` does: an explicit path, then ``$PILLOW_SDLATENT_MODELS/<repo name>``, then the
 Hugging Face cache, then the hub (skipped when ``HF_HUB_OFFLINE=1``). Needs ``transformers``.
 """
 
