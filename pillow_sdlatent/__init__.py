@@ -12,7 +12,7 @@ from .SdlImagePlugin import register, save
 
 __all__ = ["clear_cache", "decode_file", "decode_files", "encode_image", "encode_images", "read_latent", "register",
            "save"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 register()
 
