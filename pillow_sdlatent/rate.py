@@ -22,22 +22,18 @@ from .options import EncodeOptions
 #: never does). So a rate target from ``HIGH_RATE_BPP`` up, or a quality from ``HIGH_RATE_QUALITY`` up,
 #: is coded with ``HIGH_RATE_MODEL``.
 HIGH_RATE_MODEL = "taesd3"
-
-
 HIGH_RATE_BPP = 0.30
-
-
 HIGH_RATE_QUALITY = 89
-
 
 #: taesd3's step at quality 89 and 100 (log-linear between): about 0.35 and 0.95 bpp on those photos,
 #: so that quality 89 already lands where taesd3 is clearly ahead (ST-LPIPS 0.065 against taesd's 0.097)
 HIGH_RATE_STEPS = (0.6, 0.1)
+
 #: effort from which the encoder also codes the image with the other of these models and keeps the
-#: closer picture (``pipeline.closer_of_trial``): per image, taesd3 holds faces and small text that taesd rewrites
+#: closer picture (``pipeline.closer_of_trial``): per image, one model may hold a face or small text
+#: that the other rewrites
 TRIAL_EFFORT = 1
 TRIAL_MODELS = (DEFAULT_MODEL, HIGH_RATE_MODEL)
-
 
 #: Scale per rate, for the models it was measured on (RATE_CURVES); see ``scale_for_rate``. At low
 #: rates a smaller image with a finer step beats the whole image with a coarse one. On 10 held-out
@@ -47,7 +43,6 @@ TRIAL_MODELS = (DEFAULT_MODEL, HIGH_RATE_MODEL)
 #: Urban100 photos prefer 1, so the whole image is kept there (the default quality lands there too).
 #: (bits per pixel below which, scale), lowest rate first
 BPP_SCALES: tuple[tuple[float, float], ...] = ((0.032, 0.5), (0.056, 0.625), (0.084, 0.75), (0.14, 0.875))
-
 
 #: model -> {scale: ((step, bpp), ...)}: on those photos, the mean rate (bits per pixel of the
 #: full-size image) when coded at that scale with that step; between and beyond these points the
@@ -66,7 +61,6 @@ RATE_CURVES: dict[str, dict[float, tuple[tuple[float, float], ...]]] = {
               (1.590, 0.0547), (2.186, 0.0356), (3.004, 0.0174)),
     },
 }
-
 
 #: automatic scaling never makes the shorter side smaller than this
 MIN_CODED_SIDE = 64
@@ -185,8 +179,6 @@ def requested_bpp(options: EncodeOptions, width: int, height: int) -> float | No
 
 #: Rate control searches the step in this range (wider than quality's 0.05..2.0).
 RATE_STEPS = (0.01, 16.0)
-
-
 RATE_TOLERANCE = 0.03
 
 

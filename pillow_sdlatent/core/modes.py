@@ -29,7 +29,6 @@ MODE_RULES: dict[str, tuple[str, str]] = {
     "PA": ("RGBA", "RGBA"),
 }
 
-
 #: ``ALPH`` method 0: one zstandard frame of the alpha plane (FORMAT.md, ALPH)
 ALPHA_ZSTD = 0
 

@@ -49,7 +49,8 @@ def dequantize(layout: Layout, symbols: np.ndarray) -> np.ndarray:
 
 
 def read_payload(fp: IO[bytes], layout: Layout, allow_truncated: bool) -> bytes:
-    """The payload bytes; with ``allow_truncated``, what a truncated file holds of them (the coders decode that prefix)."""
+    """The payload bytes; with ``allow_truncated``, what a truncated file holds of them (a prefix the
+    coders decode as far as it goes)."""
     try:
         return container.read_payload(fp, layout)
     except container.TruncatedPayloadError as exc:

@@ -18,14 +18,8 @@ if TYPE_CHECKING:
 
 
 DEVICE_ENV = "PILLOW_SDLATENT_DEVICE"
-
-
 RUNTIME_ENV = "PILLOW_SDLATENT_RUNTIME"
-
-
 RUNTIMES = ("torch", "onnxruntime")
-
-
 TORCH_EXTRA = "pip install 'pillow_sdlatent[torch]'"
 
 

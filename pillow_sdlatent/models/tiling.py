@@ -8,11 +8,7 @@ import numpy as np
 
 #: Images above this many pixels are coded in overlapping tiles so memory stays bounded.
 TILED_ABOVE_PIXELS = 1024 * 1024
-
-
 TILE_PIXELS = 512
-
-
 OVERLAP_PIXELS = 64
 
 

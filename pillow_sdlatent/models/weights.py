@@ -34,17 +34,11 @@ if TYPE_CHECKING:
 
 
 MODELS_ENV = "PILLOW_SDLATENT_MODELS"
-
-
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
-
-
 BUNDLED_DIR = WEIGHTS_DIR
-
 
 #: the AutoencoderTiny weights file in a diffusers folder or hub repository
 TINY_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-
 
 #: a float32 state dict in diffusers' key names, as numpy arrays
 StateDict = dict[str, np.ndarray]
