@@ -55,6 +55,7 @@ from speed import KODAK, hardware_name
 from pillow_sdlatent import models, pipeline
 from pillow_sdlatent.core import container, read
 from pillow_sdlatent.enhance import restore
+from pillow_sdlatent.models import tiling
 from pillow_sdlatent.options import DecodeOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,7 +244,7 @@ def to_pixels(network: Network, output: np.ndarray, decoder: Variant | None, ste
     """uint8 pixels as the codec makes them; a restorer's output goes through the float32 decoder first."""
     if decoder is not None:
         output = decoder(output, step)
-    return models._to_uint8(output.transpose(1, 2, 0))
+    return tiling.to_uint8(output.transpose(1, 2, 0))
 
 
 def score(network: Network, variants: list[Variant], photo_set: list[Photo], decoder: Variant | None,
