@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..models import onnx_graphs
+from ..models import LoadOnce, onnx_graphs
 
 if TYPE_CHECKING:
     import torch
@@ -59,18 +58,17 @@ def read_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     return tensors, config
 
 
-_nets: dict[str, torch.nn.Module] = {}
-_sessions: dict[str, tuple[Any, int]] = {}  # weights path -> (OnnxNetwork, latent channels)
-_lock = threading.Lock()
+#: (kind, weights path) -> the torch module ("net") or (OnnxNetwork, latent channels) ("session")
+_loaded = LoadOnce()
 
 
 def clear_cache() -> list[Any]:
-    """Forget the loaded restorers (``models.clear_cache`` calls this); returns them."""
-    global _lock
-    _lock = threading.Lock()  # a fresh lock too: a forked child may inherit this one held
-    dropped = [*_nets.values(), *_sessions.values()]
-    _nets.clear()
-    _sessions.clear()
+    """Forget the loaded restorers (``models.clear_cache`` calls this); returns them.
+
+    A fresh ``LoadOnce`` also brings fresh locks: a forked child may inherit the old ones held.
+    """
+    global _loaded
+    dropped, _loaded = list(_loaded.items.values()), LoadOnce()
     return dropped
 
 
@@ -103,11 +101,7 @@ def restorer_net(model_name: str) -> torch.nn.Module:
     from .restore_net import load_net
 
     path = _path_for(model_name)
-    key = str(path)
-    with _lock:
-        if key not in _nets:
-            _nets[key] = load_net(path).eval().requires_grad_(False)
-        return _nets[key]
+    return _loaded.get(("net", str(path)), lambda: load_net(path).eval().requires_grad_(False))
 
 
 def _path_for(model_name: str) -> Path:
@@ -122,12 +116,12 @@ def _onnx_restorer(model_name: str) -> tuple[Any, int]:
     from ..models.ort_engine import OnnxNetwork
 
     path = _path_for(model_name)
-    key = str(path)
-    with _lock:
-        if key not in _sessions:
-            tensors, _ = read_weights(path)
-            _sessions[key] = (OnnxNetwork(lambda: onnx_graphs.restorer(tensors)), tensors["tail.weight"].shape[0])
-        return _sessions[key]
+
+    def build() -> tuple[Any, int]:
+        tensors, _ = read_weights(path)
+        return OnnxNetwork(lambda: onnx_graphs.restorer(tensors)), tensors["tail.weight"].shape[0]
+
+    return _loaded.get(("session", str(path)), build)
 
 
 def restore_latent(latent: np.ndarray, step: float, model_name: str) -> np.ndarray:
