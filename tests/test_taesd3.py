@@ -92,6 +92,44 @@ def test_klt_beats_the_uniform_quantizer_on_taesd3_latents(photo: Image.Image) -
     assert decoded_psnr(klt) > decoded_psnr(quantize.UniformQuantizer.with_step(step, 16)) + 1.0
 
 
+def test_the_encoder_rounds_taesd3_toward_zero() -> None:
+    """Thresholds move ROUNDING_OFFSETS of a step toward zero; signs stay; offset 0 is rint."""
+    values = np.array([0.55, 0.61, -0.55, -0.61, 1.59, -1.59, 2.5, 0.0])
+    assert quantize.rounded(values, 0.1).tolist() == [0, 1, 0, -1, 1, -1, 2, 0]
+    assert quantize.rounded(values, 0.0).tolist() == np.rint(values).tolist()
+    assert quantize.quantizer_for("taesd3", 1.0, 16).rounding_offset == quantize.ROUNDING_OFFSETS["taesd3"] > 0
+    assert quantize.quantizer_for("taesd", 1.0, 4).rounding_offset == 0  # measured: it costs taesd ST-LPIPS
+
+
+def test_effort_optimises_against_the_rounding_the_file_gets() -> None:
+    """Encoder effort's straight-through rounding is the quantizer's, offset included."""
+    torch = pytest.importorskip("torch")
+    from pillow_sdlatent.enhance import effort
+
+    quantizer = quantize.quantizer_for("taesd3", 0.8, 16)
+    latent = np.random.default_rng(0).normal(0, 1.5, (16, 6, 5)).astype(np.float32)
+    through = effort._straight_through(quantizer, "cpu")(torch.from_numpy(latent)[None])[0].numpy()
+    np.testing.assert_allclose(through, quantizer.dequantize(quantizer.quantize(latent)), atol=1e-5)
+
+
+@pytest.mark.parametrize("bpp", [0.15, 0.25])
+def test_rounding_toward_zero_gives_taesd3_a_closer_picture_in_the_same_bytes(
+        bpp: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On this held-out crop, measured: +0.43 dB at 0.15 bpp and +0.54 dB at 0.25 bpp over plain rounding."""
+    with Image.open(HELD_OUT_PHOTO) as opened:
+        crop = opened.convert("RGB").crop((256, 128, 512, 384))
+
+    def coded(offset: float) -> tuple[int, float]:
+        monkeypatch.setitem(quantize.ROUNDING_OFFSETS, "taesd3", offset)
+        buffer = io.BytesIO()
+        crop.save(buffer, "SDL", model="taesd3", bpp=bpp, scale=1)
+        return len(buffer.getvalue()), psnr(crop, pipeline.decode_file(buffer.getvalue()))
+
+    (plain_bytes, plain), (offset_bytes, offset) = coded(0.0), coded(0.1)
+    assert offset_bytes <= bpp * 256 * 256 / 8 and plain_bytes <= bpp * 256 * 256 / 8
+    assert offset > plain + 0.25
+
+
 def test_effort_zero_keeps_the_measured_rate_rule() -> None:
     """taesd keeps the higher whole-photo PSNR below 0.3 bpp (docs/taesd3), taesd3 from there; a named model stays."""
     assert rate.model_for_rate(EncodeOptions.from_info({"bpp": 0.15}), 768, 512) == "taesd"

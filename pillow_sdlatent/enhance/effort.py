@@ -62,21 +62,29 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
 
 
 def _straight_through(step: float | Any, device: str) -> Callable[[Any], Any]:
-    """z -> its dequantized quantization in the forward pass, identity gradient in the backward pass."""
+    """z -> its dequantized quantization in the forward pass, identity gradient in the backward pass;
+    rounded as the quantizer rounds (``quantize.rounded``)."""
     import torch
 
+    offset = getattr(step, "rounding_offset", 0.0)
+
+    def round_(values: Any) -> Any:
+        if offset == 0:
+            return torch.round(values)
+        return torch.copysign(torch.floor(values.abs() + (0.5 - offset)), values)
+
     if isinstance(step, (int, float)):
-        return lambda z: z + (torch.round(z / step) * step - z).detach()
+        return lambda z: z + (round_(z / step) * step - z).detach()
     steps = torch.tensor(step.steps, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
     transform = getattr(step, "transform", None)
     if transform is None:  # uniform, one step per channel
-        return lambda z: z + (torch.round(z / steps) * steps - z).detach()
+        return lambda z: z + (round_(z / steps) * steps - z).detach()
     matrix = torch.from_numpy(transform.matrix).float().to(device)
     mean = torch.from_numpy(transform.mean).float().to(device).reshape(1, -1, 1, 1)
 
     def rounded(z: Any) -> Any:
         coefficients = torch.einsum("kc,nchw->nkhw", matrix, z - mean)
-        back = torch.einsum("kc,nkhw->nchw", matrix, torch.round(coefficients / steps) * steps) + mean
+        back = torch.einsum("kc,nkhw->nchw", matrix, round_(coefficients / steps) * steps) + mean
         return z + (back - z).detach()
 
     return rounded

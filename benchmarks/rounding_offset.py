@@ -1,0 +1,116 @@
+"""Rounding offset: how far toward zero the encoder should round its latent (``quantize.ROUNDING_OFFSETS``).
+
+    PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/rounding_offset.py --model taesd3
+    python benchmarks/rounding_offset.py --model taesd3 --from-csv docs/rounding_offset/taesd3.csv
+
+The encoder alone rounds (a reader multiplies symbols back), so the offset is free to choose per
+model. The held-out training photos of ``scale_per_rate.py`` (never Kodak), center-cropped to at most
+768x512, are saved at each ``--qualities`` with each ``--offsets`` (the whole image: ``scale=1``),
+decoded and scored. Prints the mean curves and the BD-rate of each offset against plain rounding
+(offset 0) in PSNR, MS-SSIM and ST-LPIPS; writes a CSV and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from bdrate import bd_rate
+from metrics import STLPIPS, ReferenceMetrics
+from PIL import Image
+from scale_per_rate import center_crop, held_out_photos
+from tqdm import tqdm
+
+import pillow_sdlatent  # noqa: F401  (registers the format)
+from pillow_sdlatent.core import quantize
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "rounding_offset"
+FIELDS = ["image", "offset", "quality", "bytes", "bpp", "psnr", "msssim_db", "stlpips"]
+METRICS = (("psnr", 1), ("msssim_db", 1), ("stlpips", -1))  # sign: higher is better after it
+
+
+def sweep(paths: list[Path], model: str, offsets: list[float], qualities: list[int], csv_path: Path) -> list[dict]:
+    stlpips = STLPIPS()
+    rows = []
+    with open(csv_path, "w", newline="") as handle, tqdm(total=len(paths) * len(offsets) * len(qualities),
+                                                          unit="pt", file=sys.stderr) as bar:
+        writer = csv.DictWriter(handle, FIELDS)
+        writer.writeheader()
+        for path in paths:
+            with Image.open(path) as opened:
+                image = center_crop(opened.convert("RGB"))
+            reference = ReferenceMetrics(stlpips, np.asarray(image))
+            for offset in offsets:
+                quantize.ROUNDING_OFFSETS[model] = offset
+                for quality in qualities:
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="SDL", model=model, scale=1, quality=quality)
+                    data = buffer.getvalue()
+                    with Image.open(io.BytesIO(data)) as decoded:
+                        scores = reference(np.asarray(decoded.convert("RGB")))
+                    row = {"image": path.name, "offset": offset, "quality": quality, "bytes": len(data),
+                           "bpp": len(data) * 8 / (image.width * image.height),
+                           **{k: scores[k] for k in ("psnr", "msssim_db", "stlpips")}}
+                    writer.writerow(row)
+                    handle.flush()
+                    rows.append(row)
+                    bar.update()
+    return rows
+
+
+def report(rows: list[dict], model: str) -> str:
+    groups: dict[tuple[float, int], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[float(row["offset"]), int(row["quality"])].append(row)
+    curves: dict[float, list[dict[str, float]]] = defaultdict(list)
+    for (offset, _), members in sorted(groups.items()):
+        curves[offset].append({k: float(np.mean([float(m[k]) for m in members]))
+                               for k in ("bpp", "psnr", "msssim_db", "stlpips")})
+    photos = len({r["image"] for r in rows})
+    lines = [f"`{model}`, {photos} held-out training photos, whole image (`scale=1`). Mean curves "
+             "(bpp / PSNR dB / MS-SSIM dB / ST-LPIPS) per quality:", "",
+             "| offset | " + " | ".join(f"q{q}" for q in sorted({int(r['quality']) for r in rows})) + " |",
+             "| ---: |" + " --- |" * len({r["quality"] for r in rows})]
+    for offset, points in curves.items():
+        lines.append(f"| {offset:g} | " + " | ".join(
+            f"{p['bpp']:.3f} / {p['psnr']:.2f} / {p['msssim_db']:.2f} / {p['stlpips']:.3f}" for p in points) + " |")
+    lines += ["", "BD-rate against offset 0 (negative: fewer bits for the same quality):", "",
+              "| offset | PSNR | MS-SSIM | ST-LPIPS |", "| ---: | ---: | ---: | ---: |"]
+    anchor = curves.get(0.0)
+    for offset, points in curves.items():
+        if anchor is None or offset == 0:
+            continue
+        cells = [bd_rate([p["bpp"] for p in anchor], [sign * p[m] for p in anchor],
+                         [p["bpp"] for p in points], [sign * p[m] for p in points]) for m, sign in METRICS]
+        lines.append(f"| {offset:g} | " + " | ".join("n/a" if np.isnan(c) else f"{c:+.1f}%" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="taesd3")
+    parser.add_argument("--photos", type=int, default=6, help="the first N held-out photos (default 6)")
+    parser.add_argument("--offsets", default="0,0.1,0.15,0.2")
+    parser.add_argument("--qualities", default="10,20,30,40,50")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--from-csv", type=Path, help="re-analyse an earlier run instead of sweeping")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_csv:
+        with open(args.from_csv, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        rows = sweep(held_out_photos()[: args.photos], args.model, [float(o) for o in args.offsets.split(",")],
+                     [int(q) for q in args.qualities.split(",")], args.out / f"{args.model}.csv")
+    text = report(rows, args.model)
+    (args.out / f"{args.model}.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
