@@ -33,16 +33,16 @@ QUALITIES = range(0, 101)
 FRESH_RUNS = 3
 #: the fresh-process command, as a user would type it
 FRESH_LOAD = "from PIL import Image; import pillow_sdlatent; Image.open({path!r}).load()"
-#: the same, timed inside: imports, model loading (weights, ONNX export, session), then open+load
+#: the same, timed inside: imports, loading the file's model (weights, ONNX graph, session), then open+load
 FRESH_SPLIT = """
 import json, time
 start = time.perf_counter()
 from PIL import Image
 import pillow_sdlatent
 from pillow_sdlatent import models
-import torch, diffusers, onnxruntime
+import onnxruntime
 imported = time.perf_counter()
-models.load_model("taesd")
+models.load_model(Image.open({path!r}).info["sdl"]["model"])
 loaded = time.perf_counter()
 Image.open({path!r}).load()
 done = time.perf_counter()
@@ -92,6 +92,7 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     rgb = decoder.decode_image(cleaned)
     step = max(read.file_quantizer(layout.header).steps)
     restorer_step = max(step, restore.HELPFUL_STEPS[0])
+    model = layout.header.model
 
     def thumbnail() -> None:
         image = opened()
@@ -99,14 +100,20 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
         image.load()
 
     rows = [
-        _row("header parse (Image.open)", "decode", best_of(opened, repeats), best, len(data)),
+        _row(f"header parse (Image.open; {model}, {layout.header.quantizer}, coded {layout.header.coded[0]}x"
+             f"{layout.header.coded[1]})", "decode", best_of(opened, repeats), best, len(data)),
         _row(f"entropy decode ({layout.header.coder})", "decode",
              best_of(lambda: read.read_symbols(layout, payload), repeats), best),
         _row("dequantize", "decode", best_of(lambda: read.dequantize(layout, symbols), repeats), best),
-        _row(f"restorer at this file's step {step:.2f} (runs from {restore.HELPFUL_STEPS[0]})", "decode",
-             best_of(lambda: pipeline.clean_latent(latent, layout, decoder, DecodeOptions()), repeats), best),
-        _row(f"restorer network alone (step {restorer_step:.2f})", "decode",
-             best_of(lambda: restore.restore_latent(latent, restorer_step, "taesd"), repeats), best),
+    ]
+    if restore.has_restorer(model):
+        rows += [
+            _row(f"restorer at this file's step {step:.2f} (runs from {restore.HELPFUL_STEPS[0]})", "decode",
+                 best_of(lambda: pipeline.clean_latent(latent, layout, decoder, DecodeOptions()), repeats), best),
+            _row(f"restorer network alone (step {restorer_step:.2f})", "decode",
+                 best_of(lambda: restore.restore_latent(latent, restorer_step, model), repeats), best),
+        ]
+    rows += [
         _row(f"decoder network ({decoder.runtime}, float32)", "decode",
              best_of(lambda: decoder.decode_image(cleaned), repeats), best),
         _row("resampling and mode (full_size, finish_mode)", "decode",
@@ -137,8 +144,8 @@ def fresh_process_rows(data: bytes) -> list[dict[str, Any]]:
                   for _ in range(FRESH_RUNS)]
     median = f"median of {FRESH_RUNS}"
     rows = [_row("fresh process: python -c open+load", "decode", statistics.median(walls), median, len(data))]
-    for part, label in (("imports", "imports (PIL, pillow_sdlatent, torch, diffusers, onnxruntime)"),
-                        ("model", "model load (weights, ONNX export, session)"), ("open+load", "open+load")):
+    for part, label in (("imports", "imports (PIL, pillow_sdlatent, onnxruntime)"),
+                        ("model", "model load (weights, ONNX graph, session)"), ("open+load", "open+load")):
         rows.append(_row(f"fresh process, of which: {label}", "decode",
                          statistics.median(split[part] for split in splits), median))
     return rows

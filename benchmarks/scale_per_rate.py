@@ -29,13 +29,13 @@ from rd import image_paths
 from tqdm import tqdm
 
 import pillow_sdlatent  # noqa: F401  (registers the format)
-from pillow_sdlatent.core import container, read
+from pillow_sdlatent.core import container, quantize, read
 
 TRAIN = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "train"
 OUT = Path(__file__).resolve().parent.parent / "docs" / "scale_per_rate"
 FIELDS = ["image", "scale", "quality", "step", "bytes", "bpp", "psnr", "msssim_db", "stlpips"]
 #: rates at which the winning scale is reported (bits per pixel)
-REPORT_RATES = (0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12, 0.14, 0.16, 0.2)
+REPORT_RATES = (0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12, 0.14, 0.16, 0.2, 0.25, 0.3, 0.4)
 
 
 def held_out_photos() -> list[Path]:
@@ -50,7 +50,13 @@ def center_crop(image: Image.Image, width: int = 768, height: int = 512) -> Imag
     return image.crop((left, top, left + width, top + height))
 
 
-def sweep(paths: list[Path], scales: list[float], qualities: list[int], csv_path: Path) -> list[dict]:
+def base_step(quantizer: quantize.Quantizer) -> float:
+    """The step the encoder was asked for: ``klt`` stores it times each component's weight."""
+    transform = getattr(quantizer, "transform", None)
+    return quantizer.steps[0] / float(transform.step_weights[0]) if transform is not None else quantizer.steps[0]
+
+
+def sweep(paths: list[Path], model: str, scales: list[float], qualities: list[int], csv_path: Path) -> list[dict]:
     stlpips = STLPIPS()
     rows = []
     with open(csv_path, "w", newline="") as handle, tqdm(total=len(paths) * len(scales) * len(qualities),
@@ -64,9 +70,9 @@ def sweep(paths: list[Path], scales: list[float], qualities: list[int], csv_path
             for scale in scales:
                 for quality in qualities:
                     buffer = io.BytesIO()
-                    image.save(buffer, format="SDL", model="taesd", scale=scale, quality=quality)
+                    image.save(buffer, format="SDL", model=model, scale=scale, quality=quality)
                     data = buffer.getvalue()
-                    step = read.file_quantizer(container.read_layout(io.BytesIO(data)).header).steps[0]
+                    step = base_step(read.file_quantizer(container.read_layout(io.BytesIO(data)).header))
                     with Image.open(io.BytesIO(data)) as decoded:
                         scores = reference(np.asarray(decoded.convert("RGB")))
                     row = {"image": path.name, "scale": scale, "quality": quality, "step": step, "bytes": len(data),
@@ -111,20 +117,30 @@ def rate_curves(curves: dict[float, list[dict[str, float]]]) -> str:
     return "\n".join(["{", *lines, "}"])
 
 
-def report(rows: list[dict], out: Path) -> str:
-    curves = mean_curves(rows)
+def best_scale_table(curves: dict[float, list[dict[str, float]]], metric: str, lower_is_better: bool) -> list[str]:
+    """Markdown rows: the metric per scale at each of REPORT_RATES, the best in bold."""
     scales = list(curves)
-    lines = [f"Mean of {len({r['image'] for r in rows})} held-out training photos, ST-LPIPS (AlexNet) at each rate, "
-             "per coded scale (lower is better; best in bold):", "",
-             "| bpp | " + " | ".join(f"scale {s:g}" for s in scales) + " | best |",
+    lines = ["| bpp | " + " | ".join(f"scale {s:g}" for s in scales) + " | best |",
              "| ---: |" + " ---: |" * (len(scales) + 1)]
     for bpp in REPORT_RATES:
-        values = {s: at_rate(curves[s], "stlpips", bpp) for s in scales}
-        finite = {s: v for s, v in values.items() if math.isfinite(v)}
+        values = {s: at_rate(curves[s], metric, bpp) for s in scales}
+        finite = {s: (v if lower_is_better else -v) for s, v in values.items() if math.isfinite(v)}
         best = min(finite, key=finite.get) if finite else None
         cells = [("**{:.4f}**" if s == best else "{:.4f}").format(v) if math.isfinite(v) else "-"
                  for s, v in values.items()]
         lines.append(f"| {bpp:g} | " + " | ".join(cells) + f" | {best if best is not None else '-'} |")
+    return lines
+
+
+def report(rows: list[dict], model: str, out: Path) -> str:
+    curves = mean_curves(rows)
+    scales = list(curves)
+    photos = len({r["image"] for r in rows})
+    lines = [f"`{model}`: mean of {photos} held-out training photos, ST-LPIPS (AlexNet) at each rate, "
+             "per coded scale (lower is better; best in bold):", "",
+             *best_scale_table(curves, "stlpips", lower_is_better=True),
+             "", "PSNR (dB) at each rate, per coded scale (higher is better; best in bold):", "",
+             *best_scale_table(curves, "psnr", lower_is_better=False)]
     lines += ["", "BD-rate of each scale against scale 1 over 0.05-0.2 bpp (negative: fewer bits):", "",
               "| scale | ST-LPIPS | PSNR |", "| ---: | ---: | ---: |"]
     full = curves.get(1.0)
@@ -138,13 +154,13 @@ def report(rows: list[dict], out: Path) -> str:
                             rate_range=(0.05, 0.2))
             cells.append("n/a" if math.isnan(value) else f"{value:+.1f}%")
         lines.append(f"| {scale:g} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean rate per step and scale, as `rate.RATE_CURVES['taesd']`:", "", "```python",
+    lines += ["", f"Mean rate per step and scale, as `rate.RATE_CURVES['{model}']`:", "", "```python",
               rate_curves(curves), "```"]
-    plot(curves, out)
+    plot(curves, model, out)
     return "\n".join(lines)
 
 
-def plot(curves: dict[float, list[dict[str, float]]], out: Path) -> None:
+def plot(curves: dict[float, list[dict[str, float]]], model: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,7 +174,7 @@ def plot(curves: dict[float, list[dict[str, float]]], out: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("bits per pixel (of the full-size image)")
         ax.set_ylabel(label)
-        ax.set_title("taesd, coded at a fraction of the size, resampled up on decode")
+        ax.set_title(f"{model}, coded at a fraction of the size, resampled up on decode")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
         fig.tight_layout()
@@ -170,6 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, help="folder of photos (default: held-out training photos)")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--model", default="taesd", help="the model to code with (default taesd)")
     parser.add_argument("--scales", default="1,0.875,0.75,0.625,0.5")
     parser.add_argument("--qualities", default="10,20,30,40,50,60,70,80")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -181,9 +198,9 @@ def main() -> None:
             rows = list(csv.DictReader(handle))
     else:
         paths = image_paths(args.images, args.limit) if args.images else held_out_photos()
-        rows = sweep(paths, [float(s) for s in args.scales.split(",")],
+        rows = sweep(paths, args.model, [float(s) for s in args.scales.split(",")],
                      [int(q) for q in args.qualities.split(",")], args.out / "scale_per_rate.csv")
-    text = report(rows, args.out)
+    text = report(rows, args.model, args.out)
     (args.out / "scale_per_rate.md").write_text(text + "\n")
     print(text)
 

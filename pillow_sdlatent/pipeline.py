@@ -43,9 +43,10 @@ class _EncodeJob:
     model: Any
     scale: float
     coded_size: tuple[int, int] | None
+    detailed: bool  # rate.holds_fine_detail: coded by the rules that keep small text
 
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
-        quantizer = quantize.quantizer_for(self.options.model, step, latent.shape[0])
+        quantizer = quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed)
         symbols = quantizer.quantize(latent)
         coder = coders.get_coder(self.options.coder)
         coder_params, payload = coder.encode(symbols)
@@ -65,11 +66,11 @@ class _EncodeJob:
         if target is None:
             quality_step = rate.step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
             step = rate.step_at_scale(quality_step, self.scale, options.model)
-            quantizer = quantize.quantizer_for(options.model, step, latent.shape[0])
+            quantizer = quantize.quantizer_for(options.model, step, latent.shape[0], self.detailed)
             return self.file_for(effort.refine_latent(model, latent, rgb, quantizer, options.effort), step)
         data, step = rate.fit_rate(lambda step: self.file_for(latent, step), target)
         if options.effort:
-            quantizer = quantize.quantizer_for(options.model, step, latent.shape[0])
+            quantizer = quantize.quantizer_for(options.model, step, latent.shape[0], self.detailed)
             latent = effort.refine_latent(model, latent, rgb, quantizer, options.effort)
             data, _ = rate.fit_rate(lambda step: self.file_for(latent, step), target)
         return data
@@ -92,7 +93,8 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
 
     from .models import WeightsNotFoundError, load_model
 
-    chosen = rate.model_for_rate(options, width, height)
+    detailed = rate.may_pick_high_rate_model(options, width, height) and rate.holds_fine_detail(work)
+    chosen = rate.model_for_rate(options, width, height, detailed)
     coder = rate.coder_for(options, chosen)
     try:
         model = load_model(chosen, weights=options.weights, device=options.device)
@@ -105,13 +107,13 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
         coder = rate.coder_for(options, chosen)
         model = load_model(chosen, weights=options.weights, device=options.device)
     options = replace(options, model=chosen, coder=coder)
-    coded = rate.scaled_size(width, height, rate.scale_for_rate(options, width, height))
+    coded = rate.scaled_size(width, height, rate.scale_for_rate(options, width, height, detailed))
     scale = 1.0
     if coded is not None:  # the scale rounding left, for the step
         scale = math.sqrt(coded[0] * coded[1] / (width * height))
         colour = work if work.mode in ("RGB", "L") else work.convert("RGB")
         work = colour.resize(coded, container.RESAMPLING[container.LANCZOS])
-    return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model, scale, coded)
+    return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model, scale, coded, detailed)
 
 
 def closer_of_trial(image: Image.Image, info: dict[str, Any] | None, job: _EncodeJob, data: bytes) -> bytes:

@@ -10,24 +10,30 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
-from .core import coders, quantize
+from .core import coders, container, quantize
 from .core.registry import DEFAULT_MODEL, get_spec
 from .options import EncodeOptions
 
-#: Model per rate, used when the caller names no ``model``. On held-out training photos (not Kodak;
-#: ``python benchmarks/rd.py --codecs sdl --models taesd,taesd3,taef1 --images ../shared/data/train
-#: --every 40``, docs/model_per_rate) taesd wins on ST-LPIPS up to about 0.29 bpp (PSNR: a tie from 0.28),
-#: where its curve flattens at its own round-trip ceiling; above that the 16-channel taesd3 wins (taef1
-#: never does). So a rate target from ``HIGH_RATE_BPP`` up, or a quality from ``HIGH_RATE_QUALITY`` up,
-#: is coded with ``HIGH_RATE_MODEL``.
+#: Model per rate, used when the caller names no ``model``: each at its own scale per rate
+#: (``BPP_SCALES``). On the 10 held-out training photos of docs/scale_per_rate (not Kodak; ``python
+#: benchmarks/scale_per_rate.py --model taesd|taesd3``), taesd3 overtakes taesd at about 0.1 bpp on
+#: PSNR and 0.11 on ST-LPIPS, and ties it on MS-SSIM at 0.14. Against taesd at its better scale
+#: (0.875): at 0.12 bpp PSNR 23.78 against 23.49 dB, ST-LPIPS 0.112 against 0.120, MS-SSIM 8.47
+#: against 8.73 dB; at 0.16 bpp 24.84 / 0.080 / 9.64 against 24.02 / 0.111 / 9.29. Photos of other
+#: sizes and collections cross elsewhere, so the switch sits at 0.2 bpp, above all three crossings.
+#: Above 0.3 bpp taesd sits at its own round-trip ceiling (docs/model_per_rate). So a rate target
+#: from ``HIGH_RATE_BPP`` up, or a quality whose rate is that high (``quality_bpp``), is coded with
+#: ``HIGH_RATE_MODEL``; an image with small text keeps the earlier rule (DETAILED_HIGH_RATE_BPP).
 HIGH_RATE_MODEL = "taesd3"
-HIGH_RATE_BPP = 0.30
+HIGH_RATE_BPP = 0.2
 HIGH_RATE_QUALITY = 89
 
-#: taesd3's step at quality 89 and 100 (log-linear between): about 0.35 and 0.95 bpp on those photos,
-#: so that quality 89 already lands where taesd3 is clearly ahead (ST-LPIPS 0.065 against taesd's 0.097)
-HIGH_RATE_STEPS = (0.6, 0.1)
+#: taesd3's whole-image step at qualities 89 and 100 (log-linear between), where the default model's
+#: steps would ask for more rate than it can use: quality 89 is about 0.31 bpp on those photos, just
+#: above quality 88's, and the rate grows from there; coded at the scale per rate
+HIGH_RATE_STEPS = (0.55, 0.1)
 
 #: effort from which the encoder also codes the image with the other of these models and keeps the
 #: closer picture (``pipeline.closer_of_trial``): per image, one model may hold a face or small text
@@ -35,14 +41,22 @@ HIGH_RATE_STEPS = (0.6, 0.1)
 TRIAL_EFFORT = 1
 TRIAL_MODELS = (DEFAULT_MODEL, HIGH_RATE_MODEL)
 
-#: Scale per rate, for the models it was measured on (RATE_CURVES); see ``scale_for_rate``. At low
-#: rates a smaller image with a finer step beats the whole image with a coarse one. On 10 held-out
-#: training photos (7 Sun-Hays80, 3 Urban100; not Kodak; ``python benchmarks/scale_per_rate.py``,
-#: docs/scale_per_rate; coder ctx2) the scale with the lowest mean ST-LPIPS is 0.5 below 0.032 bpp,
-#: 0.625 to 0.056, 0.75 to 0.084 and 0.875 above. From 0.14 bpp up 0.875 leads 1 by under 4%, and the
-#: Urban100 photos prefer 1, so the whole image is kept there (the default quality lands there too).
-#: (bits per pixel below which, scale), lowest rate first
-BPP_SCALES: tuple[tuple[float, float], ...] = ((0.032, 0.5), (0.056, 0.625), (0.084, 0.75), (0.14, 0.875))
+#: Scale per rate, per model (RATE_CURVES has the models it was measured on); see ``scale_for_rate``.
+#: At low rates a smaller image with a finer step beats the whole image with a coarse one. On 10
+#: held-out training photos (7 Sun-Hays80, 3 Urban100; not Kodak; ``python benchmarks/scale_per_rate.py
+#: --model MODEL``, docs/scale_per_rate):
+#: - taesd (coder ctx2): the scale with the lowest mean ST-LPIPS is 0.5 below 0.032 bpp, 0.625 to
+#:   0.056, 0.75 to 0.084 and 0.875 above. From 0.14 bpp up 0.875 leads 1 by under 4%, and the
+#:   Urban100 photos prefer 1, so the whole image is kept there (the default quality lands there too).
+#: - taesd3 (klt, ctx1, rounding offset 0.1): PSNR prefers 0.5 up to 0.18 bpp, ST-LPIPS only below
+#:   0.055, where 0.625 takes over and leads 0.5 by 16% at 0.1 bpp (0.5 leads it by 0.7 dB there); so
+#:   0.5 below 0.06 bpp, 0.625 to 0.24 (both metrics' crossing with 0.75), 0.75 to 0.4 (0.875 ties
+#:   there). Whole-image taesd3 was not measured below 0.37 bpp, so 0.875 holds to 0.5 and 1 above.
+#: model -> ((bits per pixel below which, scale), lowest rate first)
+BPP_SCALES: dict[str, tuple[tuple[float, float], ...]] = {
+    "taesd": ((0.032, 0.5), (0.056, 0.625), (0.084, 0.75), (0.14, 0.875)),
+    "taesd3": ((0.06, 0.5), (0.24, 0.625), (0.4, 0.75), (0.5, 0.875)),
+}
 
 #: model -> {scale: ((step, bpp), ...)}: on those photos, the mean rate (bits per pixel of the
 #: full-size image) when coded at that scale with that step; between and beyond these points the
@@ -60,7 +74,32 @@ RATE_CURVES: dict[str, dict[float, tuple[tuple[float, float], ...]]] = {
         1.0: ((0.229, 0.1867), (0.446, 0.1326), (0.612, 0.1093), (0.842, 0.0888), (1.157, 0.0708),
               (1.590, 0.0547), (2.186, 0.0356), (3.004, 0.0174)),
     },
+    "taesd3": {
+        0.5: ((0.030, 0.3490), (0.042, 0.3186), (0.095, 0.2443), (0.194, 0.1792), (0.493, 0.1002), (1.652, 0.0221),
+              (3.025, 0.0111)),
+        0.625: ((0.046, 0.4741), (0.089, 0.3789), (0.161, 0.2947), (0.277, 0.2204), (0.461, 0.1548),
+                (0.939, 0.0732), (2.447, 0.0157), (3.951, 0.0104)),
+        0.75: ((0.139, 0.4441), (0.223, 0.3486), (0.346, 0.2646), (0.521, 0.1917), (0.789, 0.1235),
+               (1.449, 0.0467), (2.602, 0.0176), (3.486, 0.0133)),
+        0.875: ((0.278, 0.4093), (0.403, 0.3146), (0.576, 0.2312), (0.821, 0.1532), (1.189, 0.0856),
+                (1.882, 0.0344), (2.809, 0.0194), (3.432, 0.0158)),
+        1.0: ((0.446, 0.3719), (0.612, 0.2762), (0.842, 0.1874), (1.157, 0.1126), (1.590, 0.0593), (2.186, 0.0318),
+              (3.004, 0.0211), (3.522, 0.0178)),
+    },
 }
+
+#: The detail check (``holds_fine_detail``): an image that resampling to DETAIL_PROBE_SCALE and back
+#: (Lanczos, as encoder and decoder resize) leaves under MIN_RESAMPLING_PSNR holds small text or fine
+#: lines, which the rules fitted on photos above would blur or redraw: downscaling shrinks the strokes
+#: and rounding toward zero drops the small coefficients that draw them. Such an image keeps the rules
+#: from before those fits: ``taesd`` below DETAILED_HIGH_RATE_BPP, then taesd3 whole, plain rounding.
+#: At 0.625, 6 text cards (training photos outside every held-out set with 10-28 px lines, as
+#: benchmarks/fidelity.py makes them) keep 20.8-22.5 dB, the 10 photos of docs/scale_per_rate
+#: 24.3-41.4 dB (9 of 10 from 28.2).
+DETAIL_PROBE_SCALE = 0.625
+MIN_RESAMPLING_PSNR = 27.0
+DETAILED_HIGH_RATE_BPP = 0.30
+RESAMPLING_BAND = 256  # rows compared at once, bounding the memory on large images
 
 #: automatic scaling never makes the shorter side smaller than this
 MIN_CODED_SIDE = 64
@@ -73,44 +112,90 @@ def coder_for(options: EncodeOptions, model: str) -> str:
     return coder
 
 
-def model_for_rate(options: EncodeOptions, width: int, height: int) -> str:
-    """The named model; else the one that wins at the requested rate (see ``HIGH_RATE_MODEL``),
-    unless the coder named cannot code that model's latents."""
+def model_for_rate(options: EncodeOptions, width: int, height: int, detailed: bool = False) -> str:
+    """The named model; else the one that wins at the requested rate (see ``HIGH_RATE_MODEL``; a
+    ``detailed`` image, see ``holds_fine_detail``, switches at DETAILED_HIGH_RATE_BPP), unless the coder
+    named cannot code that model's latents. A quality's rate is the mean rate its step gives
+    ``options.model`` (``quality_bpp``)."""
     if options.model_fixed or not coders.codes_channels(options.coder, get_spec(HIGH_RATE_MODEL).channels):
         return options.model
     bpp = requested_bpp(options, width, height)
     if bpp is None:
-        return HIGH_RATE_MODEL if (options.quality or quantize.DEFAULT_QUALITY) >= HIGH_RATE_QUALITY else options.model
-    return HIGH_RATE_MODEL if bpp >= HIGH_RATE_BPP else options.model
+        quality = options.quality or quantize.DEFAULT_QUALITY
+        if quality >= HIGH_RATE_QUALITY:
+            return HIGH_RATE_MODEL
+        bpp = quality_bpp(quality, options.model)
+    return HIGH_RATE_MODEL if bpp >= (DETAILED_HIGH_RATE_BPP if detailed else HIGH_RATE_BPP) else options.model
+
+
+def may_pick_high_rate_model(options: EncodeOptions, width: int, height: int) -> bool:
+    """Whether the detail check can change anything: the high-rate model is named or may be picked."""
+    if options.model_fixed:
+        return options.model == HIGH_RATE_MODEL
+    bpp = requested_bpp(options, width, height)
+    quality = options.quality or quantize.DEFAULT_QUALITY
+    return (bpp if bpp is not None else quality_bpp(quality, options.model)) >= HIGH_RATE_BPP or quality >= HIGH_RATE_QUALITY
+
+
+def holds_fine_detail(image: Image.Image) -> bool:
+    """Whether ``image`` holds small text or fine lines (see ``MIN_RESAMPLING_PSNR``)."""
+    return resampling_psnr(image, DETAIL_PROBE_SCALE) < MIN_RESAMPLING_PSNR
+
+
+def quality_bpp(quality: int, model: str) -> float:
+    """The mean rate (``RATE_CURVES``) of ``model``'s whole image at ``quality``'s step."""
+    return mean_bpp(model, 1.0, quantize.step_for_quality(quality))
 
 
 def step_for_quality(quality: int, options: EncodeOptions) -> float:
-    """``quantize.step_for_quality``, except where the high-rate model was picked for a quality from
-    ``HIGH_RATE_QUALITY`` up: it has its own scale there, so quality keeps meaning "higher is better"."""
+    """The whole-image step for ``quality``: ``quantize.step_for_quality``, except where the
+    high-rate model was picked for a quality. From ``HIGH_RATE_QUALITY`` up it has its own steps;
+    below, the step that gives it the rate the quality gives the default model, so quality keeps
+    meaning "higher is better" and the same rate whichever model codes it."""
     picked = not options.model_fixed and options.model == HIGH_RATE_MODEL
-    if not picked or quality < HIGH_RATE_QUALITY:
+    if not picked:
         return quantize.step_for_quality(quality)
+    if quality < HIGH_RATE_QUALITY:
+        return step_for_rate(HIGH_RATE_MODEL, 1.0, quality_bpp(quality, DEFAULT_MODEL))
     coarse, fine = HIGH_RATE_STEPS
     t = (quality - HIGH_RATE_QUALITY) / (100 - HIGH_RATE_QUALITY)
     return float(coarse * (fine / coarse) ** t)
 
 
-def scale_for_rate(options: EncodeOptions, width: int, height: int) -> float:
-    """``scale`` if given; else, for a model in ``RATE_CURVES``, the scale that wins at the requested rate.
+def scale_for_rate(options: EncodeOptions, width: int, height: int, detailed: bool = False) -> float:
+    """``scale`` if given; else, for a model in ``BPP_SCALES``, the scale that wins at the requested rate
+    (the whole image for the high-rate model on a ``detailed`` image, see ``holds_fine_detail``).
 
     A quality's rate is the mean rate its step gives at full size (``RATE_CURVES``), so that
     quality and ``bpp`` pick the same scale for the same rate.
     """
     if options.scale is not None:
         return options.scale
-    if options.model not in RATE_CURVES:
+    if options.model not in BPP_SCALES or (detailed and options.model == HIGH_RATE_MODEL):
         return 1.0
     bpp = requested_bpp(options, width, height)
     if bpp is None:
         step = step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
         bpp = mean_bpp(options.model, 1.0, step)
-    scale = next((scale for below, scale in BPP_SCALES if bpp < below), 1.0)
+    scale = next((scale for below, scale in BPP_SCALES[options.model] if bpp < below), 1.0)
     return min(1.0, max(scale, MIN_CODED_SIDE / min(width, height)))
+
+
+def resampling_psnr(image: Image.Image, scale: float) -> float:
+    """PSNR of ``image``'s colour (or grey) against itself resized to ``scale`` and back, as encoder and
+    decoder resize."""
+    size = scaled_size(image.width, image.height, scale)
+    if size is None:
+        return math.inf
+    image = image if image.mode in ("RGB", "L") else image.convert("RGB")
+    resampling = container.RESAMPLING[container.LANCZOS]
+    back = image.resize(size, resampling).resize(image.size, resampling)
+    original, returned = np.asarray(image), np.asarray(back)
+    squared = sum(float(np.square(original[y : y + RESAMPLING_BAND].astype(np.int32)
+                                  - returned[y : y + RESAMPLING_BAND]).sum())
+                  for y in range(0, image.height, RESAMPLING_BAND))
+    mse = squared / original.size
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def scaled_size(width: int, height: int, scale: float) -> tuple[int, int] | None:
@@ -151,9 +236,13 @@ def step_at_scale(step: float, scale: float, model: str = DEFAULT_MODEL) -> floa
     So a quality keeps its rate whatever the scale, and spends it on finer steps instead, down to
     quality 100's step: a small image cannot spend a high rate.
     """
-    if scale == 1:
-        return step
-    wanted = math.log(mean_bpp(model, 1.0, step))
+    return step if scale == 1 else step_for_rate(model, scale, mean_bpp(model, 1.0, step))
+
+
+def step_for_rate(model: str, scale: float, bpp: float) -> float:
+    """The step whose mean rate (``mean_bpp``) at ``scale`` is ``bpp``, within quality's steps and
+    rate control's coarsest."""
+    wanted = math.log(bpp)
     low, high = math.log(quantize.MIN_STEP), math.log(RATE_STEPS[1])  # the rate falls as the step grows
     for _ in range(40):
         middle = (low + high) / 2

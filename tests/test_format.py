@@ -91,7 +91,7 @@ def test_a_truncated_payload_keeps_what_it_holds(photo: Image.Image, coder: str)
     from pillow_sdlatent.core.read import latent_from_layout
 
     buffer = io.BytesIO()
-    photo.save(buffer, format="SDL", coder=coder, quality=75, scale=1)
+    photo.save(buffer, format="SDL", model="taesd", coder=coder, quality=75, scale=1)  # uniform: symbol 0 is latent 0
     data = buffer.getvalue()
     layout = container.read_layout(io.BytesIO(data))
     full = latent_from_layout(io.BytesIO(data), layout)
@@ -131,7 +131,7 @@ def test_newer_major_version_is_refused(sdl_bytes: bytes) -> None:
     newer = sdl_bytes[:8] + bytes([3, 0]) + sdl_bytes[10:]
     with pytest.raises(OSError, match=r"version 3\.0"):
         Image.open(io.BytesIO(newer))
-    minor = sdl_bytes[:8] + bytes([1, 7]) + sdl_bytes[10:]
+    minor = sdl_bytes[:9] + bytes([7]) + sdl_bytes[10:]  # a newer minor of the file's own major
     Image.open(io.BytesIO(minor)).load()
 
 

@@ -214,8 +214,10 @@ def test_tiny_coded_image_of_a_huge_one_honours_the_pixel_limit(scaled_sdl: byte
         pipeline.decode_file(huge)
 
 
-def test_latent_channels_must_match_the_model(rgb_sdl: bytes) -> None:
-    damaged = edited(rgb_sdl, header={"channels": 16, "quantizer_params": struct.pack(">16f", *[0.5] * 16)})
+def test_latent_channels_must_match_the_model(photo: Image.Image) -> None:
+    buffer = io.BytesIO()
+    photo.crop((0, 0, 24, 16)).save(buffer, format="SDL", model="taesd")  # 4 channels, uniform steps
+    damaged = edited(buffer.getvalue(), header={"channels": 16, "quantizer_params": struct.pack(">16f", *[0.5] * 16)})
     with pytest.raises(OSError, match="channels"):
         decoded(damaged)
     with pytest.raises(OSError, match="channels"):

@@ -64,7 +64,7 @@ def test_taesd_file_decodes_with_sd_vae(photo: Image.Image, tiny_sd_vae: Path) -
 @pytest.mark.parametrize("name", ["taesdxl", "taesd3", "taef1"])
 def test_other_taesd_models(photo: Image.Image, name: str) -> None:
     buffer = io.BytesIO()
-    photo.save(buffer, format="SDL", model=name)
+    photo.save(buffer, format="SDL", model=name, scale=1)
     buffer.seek(0)
     with Image.open(buffer) as image:
         channels = REGISTRY[name].channels

@@ -112,12 +112,13 @@ def test_effort_optimises_against_the_rounding_the_file_gets() -> None:
     np.testing.assert_allclose(through, quantizer.dequantize(quantizer.quantize(latent)), atol=1e-5)
 
 
-@pytest.mark.parametrize("bpp", [0.15, 0.25])
-def test_rounding_toward_zero_gives_taesd3_a_closer_picture_in_the_same_bytes(
-        bpp: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On this held-out crop, measured: +0.43 dB at 0.15 bpp and +0.54 dB at 0.25 bpp over plain rounding."""
+def test_rounding_toward_zero_gives_taesd3_a_closer_picture_in_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On this held-out crop without small text, measured: +0.65 dB at 0.15 bpp over plain rounding
+    (per image it varies: +0.09 dB at 0.25 bpp here; benchmarks/rounding_offset.py has the mean)."""
+    bpp = 0.15
     with Image.open(HELD_OUT_PHOTO) as opened:
-        crop = opened.convert("RGB").crop((256, 128, 512, 384))
+        crop = opened.convert("RGB").crop((0, 0, 256, 256))
+    assert not rate.holds_fine_detail(crop)
 
     def coded(offset: float) -> tuple[int, float]:
         monkeypatch.setitem(quantize.ROUNDING_OFFSETS, "taesd3", offset)
@@ -127,14 +128,19 @@ def test_rounding_toward_zero_gives_taesd3_a_closer_picture_in_the_same_bytes(
 
     (plain_bytes, plain), (offset_bytes, offset) = coded(0.0), coded(0.1)
     assert offset_bytes <= bpp * 256 * 256 / 8 and plain_bytes <= bpp * 256 * 256 / 8
-    assert offset > plain + 0.25
+    assert offset > plain + 0.4
 
 
 def test_effort_zero_keeps_the_measured_rate_rule() -> None:
-    """taesd keeps the higher whole-photo PSNR below 0.3 bpp (docs/taesd3), taesd3 from there; a named model stays."""
-    assert rate.model_for_rate(EncodeOptions.from_info({"bpp": 0.15}), 768, 512) == "taesd"
-    assert rate.model_for_rate(EncodeOptions.from_info({"bpp": 0.3}), 768, 512) == "taesd3"
-    assert rate.model_for_rate(EncodeOptions.from_info({"bpp": 0.3, "model": "taesd"}), 768, 512) == "taesd"
+    """taesd below 0.2 bpp, taesd3 from there (rate.HIGH_RATE_BPP); for an image with small text from
+    0.3 (rate.DETAILED_HIGH_RATE_BPP); a named model stays."""
+    def model(info: dict, detailed: bool = False) -> str:
+        return rate.model_for_rate(EncodeOptions.from_info(info), 768, 512, detailed)
+
+    assert [model({"bpp": bpp}) for bpp in (0.15, 0.2, 0.3)] == ["taesd", "taesd3", "taesd3"]
+    assert [model({"bpp": bpp}, detailed=True) for bpp in (0.2, 0.3)] == ["taesd", "taesd3"]
+    assert model({}) == "taesd" and model({"quality": 85}) == "taesd3"  # quality 75: 0.144 bpp, 85: 0.24
+    assert model({"bpp": 0.3, "model": "taesd"}) == "taesd"
 
 
 def crop_with_text() -> Image.Image:
@@ -153,11 +159,33 @@ def crop_with_text() -> Image.Image:
 TEXT_BOX = (16, 120, 240, 176)
 
 
-def coded(image: Image.Image, **options: object) -> tuple[str, Image.Image]:
+def coded_bytes(image: Image.Image, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "SDL", **options)
-    data = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def coded(image: Image.Image, **options: object) -> tuple[str, Image.Image]:
+    data = coded_bytes(image, **options)
     return container.read_layout(io.BytesIO(data)).header.model, Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def test_small_text_keeps_the_rules_that_keep_it() -> None:
+    """Resampling to 0.625 and back keeps this lettered crop at 21.2 dB, under rate.MIN_RESAMPLING_PSNR
+    (27): at 0.25 bpp it stays with taesd, at 0.35 bpp taesd3 codes it whole with plain rounding. A
+    crop of the same photo without text gets taesd3 at 0.75 of its size at 0.25 bpp."""
+    text = crop_with_text()
+    with Image.open(HELD_OUT_PHOTO) as opened:
+        photo = opened.convert("RGB").crop((0, 0, 256, 192))
+    assert rate.holds_fine_detail(text) and not rate.holds_fine_detail(photo)
+
+    def coded_as(image: Image.Image, bpp: float) -> tuple[str, tuple[int, int]]:
+        with Image.open(io.BytesIO(coded_bytes(image, bpp=bpp))) as opened:
+            return opened.info["sdl"]["model"], opened.info["sdl"]["coded_size"]
+
+    assert coded_as(text, 0.25) == ("taesd", text.size)
+    assert coded_as(text, 0.35) == ("taesd3", text.size)
+    assert coded_as(photo, 0.25) == ("taesd3", (192, 144))
 
 
 @pytest.mark.slow

@@ -211,11 +211,11 @@ QUANTIZERS: dict[str, type[UniformQuantizer] | type[KltQuantizer]] = {
     UniformQuantizer.name: UniformQuantizer, KltQuantizer.name: KltQuantizer}
 
 
-def quantizer_for(model: str, step: float, channels: int) -> Quantizer:
+def quantizer_for(model: str, step: float, channels: int, plain_rounding: bool = False) -> Quantizer:
     """The quantizer the encoder uses for ``model`` at base ``step``: ``klt`` where a transform ships,
-    with the model's ``ROUNDING_OFFSETS``."""
+    with the model's ``ROUNDING_OFFSETS`` unless ``plain_rounding``."""
     transform = klt_for_model(model)
-    offset = ROUNDING_OFFSETS.get(model, 0.0)
+    offset = 0.0 if plain_rounding else ROUNDING_OFFSETS.get(model, 0.0)
     if transform is not None and len(transform.mean) == channels:
         return KltQuantizer.with_step(step, transform, offset)
     return UniformQuantizer.with_step(step, channels, offset)
