@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from bdrate import bd_rate
-from metrics import STLPIPS, ReferenceMetrics
 from PIL import Image
-from scale_per_rate import center_crop, held_out_photos
-from tqdm import tqdm
+from scale_per_rate import held_out_photos, mean_curves, scored_points
 
 import pillow_sdlatent  # noqa: F401  (registers the format)
 from pillow_sdlatent.core import quantize
@@ -35,42 +31,17 @@ METRICS = (("psnr", 1), ("msssim_db", 1), ("stlpips", -1))  # sign: higher is be
 
 
 def sweep(paths: list[Path], model: str, offsets: list[float], qualities: list[int], csv_path: Path) -> list[dict]:
-    stlpips = STLPIPS()
-    rows = []
-    with open(csv_path, "w", newline="") as handle, tqdm(total=len(paths) * len(offsets) * len(qualities),
-                                                          unit="pt", file=sys.stderr) as bar:
-        writer = csv.DictWriter(handle, FIELDS)
-        writer.writeheader()
-        for path in paths:
-            with Image.open(path) as opened:
-                image = center_crop(opened.convert("RGB"))
-            reference = ReferenceMetrics(stlpips, np.asarray(image))
-            for offset in offsets:
-                quantize.ROUNDING_OFFSETS[model] = offset
-                for quality in qualities:
-                    buffer = io.BytesIO()
-                    image.save(buffer, format="SDL", model=model, scale=1, quality=quality)
-                    data = buffer.getvalue()
-                    with Image.open(io.BytesIO(data)) as decoded:
-                        scores = reference(np.asarray(decoded.convert("RGB")))
-                    row = {"image": path.name, "offset": offset, "quality": quality, "bytes": len(data),
-                           "bpp": len(data) * 8 / (image.width * image.height),
-                           **{k: scores[k] for k in ("psnr", "msssim_db", "stlpips")}}
-                    writer.writerow(row)
-                    handle.flush()
-                    rows.append(row)
-                    bar.update()
-    return rows
+    def code(image: Image.Image, offset: float, quality: int) -> tuple[bytes, dict]:
+        quantize.ROUNDING_OFFSETS[model] = offset
+        buffer = io.BytesIO()
+        image.save(buffer, format="SDL", model=model, scale=1, quality=quality)
+        return buffer.getvalue(), {"offset": offset}
+
+    return scored_points(paths, offsets, qualities, code, FIELDS, csv_path)
 
 
 def report(rows: list[dict], model: str) -> str:
-    groups: dict[tuple[float, int], list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[float(row["offset"]), int(row["quality"])].append(row)
-    curves: dict[float, list[dict[str, float]]] = defaultdict(list)
-    for (offset, _), members in sorted(groups.items()):
-        curves[offset].append({k: float(np.mean([float(m[k]) for m in members]))
-                               for k in ("bpp", "psnr", "msssim_db", "stlpips")})
+    curves = mean_curves(rows, "offset")
     photos = len({r["image"] for r in rows})
     lines = [f"`{model}`, {photos} held-out training photos, whole image (`scale=1`). Mean curves "
              "(bpp / PSNR dB / MS-SSIM dB / ST-LPIPS) per quality:", "",

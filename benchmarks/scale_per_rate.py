@@ -19,6 +19,7 @@ import io
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ TRAIN = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tra
 OUT = Path(__file__).resolve().parent.parent / "docs" / "scale_per_rate"
 FIELDS = ["image", "scale", "quality", "step", "bytes", "bpp", "psnr", "msssim_db", "stlpips"]
 #: rates at which the winning scale is reported (bits per pixel)
-REPORT_RATES = (0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12, 0.14, 0.16, 0.2, 0.25, 0.3, 0.4)
+REPORT_RATES = (0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12, 0.14, 0.16, 0.2,
+                0.25, 0.3, 0.4)
 
 
 def held_out_photos() -> list[Path]:
@@ -57,25 +59,37 @@ def base_step(quantizer: quantize.Quantizer) -> float:
 
 
 def sweep(paths: list[Path], model: str, scales: list[float], qualities: list[int], csv_path: Path) -> list[dict]:
+    def code(image: Image.Image, scale: float, quality: int) -> tuple[bytes, dict]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="SDL", model=model, scale=scale, quality=quality)
+        data = buffer.getvalue()
+        header = container.read_layout(io.BytesIO(data)).header
+        return data, {"scale": scale, "step": base_step(read.file_quantizer(header))}
+
+    return scored_points(paths, scales, qualities, code, FIELDS, csv_path)
+
+
+def scored_points(paths: list[Path], variants: list[float], qualities: list[int],
+                  code: Callable[[Image.Image, float, int], tuple[bytes, dict]], fields: list[str],
+                  csv_path: Path) -> list[dict]:
+    """Each photo (centre-cropped) coded by ``code`` at every variant and quality, decoded and scored at
+    full size; one CSV row per point (``code`` adds its own fields), written as it goes."""
     stlpips = STLPIPS()
     rows = []
-    with open(csv_path, "w", newline="") as handle, tqdm(total=len(paths) * len(scales) * len(qualities),
+    with open(csv_path, "w", newline="") as handle, tqdm(total=len(paths) * len(variants) * len(qualities),
                                                           unit="pt", file=sys.stderr) as bar:
-        writer = csv.DictWriter(handle, FIELDS)
+        writer = csv.DictWriter(handle, fields)
         writer.writeheader()
         for path in paths:
             with Image.open(path) as opened:
                 image = center_crop(opened.convert("RGB"))
             reference = ReferenceMetrics(stlpips, np.asarray(image))
-            for scale in scales:
+            for variant in variants:
                 for quality in qualities:
-                    buffer = io.BytesIO()
-                    image.save(buffer, format="SDL", model=model, scale=scale, quality=quality)
-                    data = buffer.getvalue()
-                    step = base_step(read.file_quantizer(container.read_layout(io.BytesIO(data)).header))
+                    data, extra = code(image, variant, quality)
                     with Image.open(io.BytesIO(data)) as decoded:
                         scores = reference(np.asarray(decoded.convert("RGB")))
-                    row = {"image": path.name, "scale": scale, "quality": quality, "step": step, "bytes": len(data),
+                    row = {"image": path.name, "quality": quality, "bytes": len(data), **extra,
                            "bpp": len(data) * 8 / (image.width * image.height),
                            **{k: scores[k] for k in ("psnr", "msssim_db", "stlpips")}}
                     writer.writerow(row)
@@ -85,16 +99,16 @@ def sweep(paths: list[Path], model: str, scales: list[float], qualities: list[in
     return rows
 
 
-def mean_curves(rows: list[dict]) -> dict[float, list[dict[str, float]]]:
-    """scale -> points (mean over images at each quality), by rate."""
+def mean_curves(rows: list[dict], key: str = "scale") -> dict[float, list[dict[str, float]]]:
+    """``key`` value -> points (mean over images at each quality), by rate."""
     groups: dict[tuple[float, int], list[dict]] = defaultdict(list)
     for row in rows:
-        groups[float(row["scale"]), int(row["quality"])].append(row)
+        groups[float(row[key]), int(row["quality"])].append(row)
     curves: dict[float, list[dict[str, float]]] = defaultdict(list)
-    for (scale, _), members in sorted(groups.items()):
-        curves[scale].append({k: float(np.mean([float(m[k]) for m in members]))
-                              for k in ("step", "bpp", "psnr", "msssim_db", "stlpips")})
-    return {scale: sorted(points, key=lambda p: p["bpp"]) for scale, points in sorted(curves.items())}
+    for (value, _), members in sorted(groups.items()):
+        curves[value].append({k: float(np.mean([float(m[k]) for m in members]))
+                              for k in ("step", "bpp", "psnr", "msssim_db", "stlpips") if k in members[0]})
+    return {value: sorted(points, key=lambda p: p["bpp"]) for value, points in sorted(curves.items())}
 
 
 def at_rate(points: list[dict[str, float]], metric: str, bpp: float) -> float:

@@ -134,7 +134,9 @@ def may_pick_high_rate_model(options: EncodeOptions, width: int, height: int) ->
         return options.model == HIGH_RATE_MODEL
     bpp = requested_bpp(options, width, height)
     quality = options.quality or quantize.DEFAULT_QUALITY
-    return (bpp if bpp is not None else quality_bpp(quality, options.model)) >= HIGH_RATE_BPP or quality >= HIGH_RATE_QUALITY
+    if bpp is None:
+        return quality >= HIGH_RATE_QUALITY or quality_bpp(quality, options.model) >= HIGH_RATE_BPP
+    return bpp >= HIGH_RATE_BPP
 
 
 def holds_fine_detail(image: Image.Image) -> bool:
