@@ -132,6 +132,8 @@ def may_pick_high_rate_model(options: EncodeOptions, width: int, height: int) ->
     """Whether the detail check can change anything: the high-rate model is named or may be picked."""
     if options.model_fixed:
         return options.model == HIGH_RATE_MODEL
+    if not coders.codes_channels(options.coder, get_spec(HIGH_RATE_MODEL).channels):
+        return False
     bpp = requested_bpp(options, width, height)
     quality = options.quality or quantize.DEFAULT_QUALITY
     if bpp is None:

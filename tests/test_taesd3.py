@@ -170,6 +170,17 @@ def coded(image: Image.Image, **options: object) -> tuple[str, Image.Image]:
     return container.read_layout(io.BytesIO(data)).header.model, Image.open(io.BytesIO(data)).convert("RGB")
 
 
+def test_the_detail_check_runs_only_where_it_can_change_the_file() -> None:
+    """It costs a resampling of the image: skipped below 0.2 bpp, for a named taesd and for a coder
+    that cannot code taesd3's latents."""
+    def checks(info: dict) -> bool:
+        return rate.may_pick_high_rate_model(EncodeOptions.from_info(info), 768, 512)
+
+    assert not checks({}) and not checks({"bpp": 0.15}) and checks({"bpp": 0.25}) and checks({"quality": 95})
+    assert checks({"model": "taesd3"}) and not checks({"model": "taesd", "bpp": 0.5})
+    assert not checks({"coder": "ctx2", "bpp": 0.5})
+
+
 def test_small_text_keeps_the_rules_that_keep_it() -> None:
     """Resampling to 0.625 and back keeps this lettered crop at 21.2 dB, under rate.MIN_RESAMPLING_PSNR
     (27): at 0.25 bpp it stays with taesd, at 0.35 bpp taesd3 codes it whole with plain rounding. A
