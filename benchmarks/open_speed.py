@@ -5,8 +5,9 @@ at the default quality it times each stage of ``load()`` by calling the codec's 
 parse, entropy decode, dequantize, restorer, decoder network, resampling and mode), the whole ``load()``
 warm, a fresh ``python -c`` process that opens and loads the file (median of 3, with a second,
 instrumented run that splits imports, model loading and decoding), ``thumbnail((96, 64))`` and
-``save()``; then AVIF, JPEG XL and WebP (Pillow, pillow-jxl-plugin) encode and decode of the same
-photo at the quality whose file is closest in size. In-process times are the best of ``repeats``;
+``save()``; the whole-file rows again for the photo saved at ``HIGHER_RATES`` (``bpp=``); then AVIF,
+JPEG XL and WebP (Pillow, pillow-jxl-plugin) encode and decode of the same photo at the quality whose
+file is closest in size to the default one. In-process times are the best of ``repeats``;
 every row records the 1-minute load average when it was measured.
 """
 
@@ -31,6 +32,8 @@ THUMBNAIL = (96, 64)
 #: qualities searched for each classic codec's file closest in size to the .sdl file
 QUALITIES = range(0, 101)
 FRESH_RUNS = 3
+#: rates at which the whole-file rows are repeated: where the default model is taesd3
+HIGHER_RATES = (0.2, 0.35)
 #: the fresh-process command, as a user would type it
 FRESH_LOAD = "from PIL import Image; import pillow_sdlatent; Image.open({path!r}).load()"
 #: the same, timed inside: imports, loading the file's model (weights, ONNX graph, session), then open+load
@@ -126,6 +129,32 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     return rows, data
 
 
+def whole_file_rows(photo: Image.Image, options: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
+    """Warm ``load()``, thumbnail and ``save()`` of the photo saved with ``options``, labelled with the
+    model and coded size the encoder chose."""
+    buffer = io.BytesIO()
+    photo.save(buffer, format="SDL", **options)
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as opened:
+        sdl = opened.info["sdl"]
+    label = ", ".join(f"{k}={v}" for k, v in options.items())
+    label += f"; {sdl['model']}, {sdl['coder']}, coded {sdl['coded_size'][0]}x{sdl['coded_size'][1]}"
+    best = f"best of {repeats}"
+
+    def thumbnail() -> None:
+        with Image.open(io.BytesIO(data)) as image:
+            image.thumbnail(THUMBNAIL)
+            image.load()
+
+    return [
+        _row(f"[{label}] whole load(), warm", "decode",
+             best_of(lambda: Image.open(io.BytesIO(data)).load(), repeats), best, len(data)),
+        _row(f"[{label}] thumbnail({THUMBNAIL[0]}, {THUMBNAIL[1]}), warm", "decode", best_of(thumbnail, repeats), best),
+        _row(f"[{label}] save(), warm", "encode",
+             best_of(lambda: photo.save(io.BytesIO(), format="SDL", **options), repeats), best, len(data)),
+    ]
+
+
 def fresh_process_rows(data: bytes) -> list[dict[str, Any]]:
     """``python -c`` that opens and loads the file, wall time as a user sees it (median of ``FRESH_RUNS``),
     and the instrumented run's split of it."""
@@ -189,6 +218,8 @@ def stage_rows(repeats: int) -> list[dict[str, Any]]:
         photo = opened.convert("RGB")
     rows, data = sdl_stages(photo, repeats)
     rows += fresh_process_rows(data)
+    for bpp in HIGHER_RATES:
+        rows += whole_file_rows(photo, {"bpp": bpp}, repeats)
     rows += classic_rows(photo, len(data), repeats)
     avif = {row["side"]: row["value"] for row in rows if row["stage"].startswith("AVIF")}
     for row in rows:
@@ -197,7 +228,8 @@ def stage_rows(repeats: int) -> list[dict[str, Any]]:
 
 
 NOTES = """
-Each stage is timed through the codec's own function on the file saved at the default quality;
+Each stage is timed through the codec's own function on the file saved at the default quality (rows
+in brackets: the photo saved with those options instead);
 `x AVIF` divides by AVIF's decode (decode rows) or encode (encode rows) of the same photo at the
 quality whose file is closest in size, measured in the same run. The classic codecs run with
 Pillow's defaults (AVIF: libavif speed 6, all cores). `load1` is the 1-minute load average when the
