@@ -129,16 +129,9 @@ def model_for_rate(options: EncodeOptions, width: int, height: int, detailed: bo
 
 
 def may_pick_high_rate_model(options: EncodeOptions, width: int, height: int) -> bool:
-    """Whether the detail check can change anything: the high-rate model is named or may be picked."""
-    if options.model_fixed:
-        return options.model == HIGH_RATE_MODEL
-    if not coders.codes_channels(options.coder, get_spec(HIGH_RATE_MODEL).channels):
-        return False
-    bpp = requested_bpp(options, width, height)
-    quality = options.quality or quantize.DEFAULT_QUALITY
-    if bpp is None:
-        return quality >= HIGH_RATE_QUALITY or quality_bpp(quality, options.model) >= HIGH_RATE_BPP
-    return bpp >= HIGH_RATE_BPP
+    """Whether the detail check can change anything: the high-rate model is named or picked for an
+    image without fine detail (a detailed one only moves the switch up)."""
+    return model_for_rate(options, width, height) == HIGH_RATE_MODEL
 
 
 def holds_fine_detail(image: Image.Image) -> bool:
