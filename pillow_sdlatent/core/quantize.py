@@ -98,10 +98,7 @@ class UniformQuantizer:
     def from_params(cls, params: bytes, channels: int) -> UniformQuantizer:
         if len(params) != 4 * channels:
             raise ValueError("uniform quantizer parameters do not match the channel count")
-        steps = struct.unpack(f">{channels}f", params)
-        if not all(math.isfinite(s) and 1e-6 < s < 1e6 for s in steps):
-            raise ValueError("uniform quantizer step out of range")
-        return cls(tuple(steps))
+        return cls(_stored_steps(params, channels, cls.name))
 
 
 #: model -> its shipped KLT file (training/fit_klt.py) under pillow_sdlatent/weights
@@ -200,10 +197,15 @@ class KltQuantizer:
                              "upgrade pillow_sdlatent")
         if len(transform.mean) != channels:
             raise ValueError(f"KLT transform {digest.hex()} has {len(transform.mean)} channels, not {channels}")
-        steps = struct.unpack(f">{channels}f", params[KLT_DIGEST_BYTES:])
-        if not all(math.isfinite(s) and 1e-6 < s < 1e6 for s in steps):
-            raise ValueError("klt quantizer step out of range")
-        return cls(steps, transform)
+        return cls(_stored_steps(params[KLT_DIGEST_BYTES:], channels, cls.name), transform)
+
+
+def _stored_steps(data: bytes, channels: int, name: str) -> tuple[float, ...]:
+    """``channels`` big-endian float32 steps; ``ValueError`` unless each is finite and in (1e-6, 1e6)."""
+    steps = struct.unpack(f">{channels}f", data)
+    if not all(math.isfinite(s) and 1e-6 < s < 1e6 for s in steps):
+        raise ValueError(f"{name} quantizer step out of range")
+    return steps
 
 
 Quantizer = UniformQuantizer | KltQuantizer
