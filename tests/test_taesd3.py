@@ -108,7 +108,7 @@ def test_effort_optimises_against_the_rounding_the_file_gets() -> None:
 
     quantizer = quantize.quantizer_for("taesd3", 0.8, 16)
     latent = np.random.default_rng(0).normal(0, 1.5, (16, 6, 5)).astype(np.float32)
-    through = effort._straight_through(quantizer, "cpu")(torch.from_numpy(latent)[None])[0].numpy()
+    through = effort._straight_through(quantizer)(torch.from_numpy(latent)[None])[0].numpy()
     np.testing.assert_allclose(through, quantizer.dequantize(quantizer.quantize(latent)), atol=1e-5)
 
 

@@ -40,7 +40,7 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
     target = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device).float() / 127.5 - 1
     z = torch.from_numpy(np.ascontiguousarray(latent))[None].to(device).float().requires_grad_(True)
     start = z.detach().clone()
-    round_st = _straight_through(step, device)
+    round_st = _straight_through(step)
     step = step if isinstance(step, (int, float)) else max(step.steps)  # the decoder's restorer gate
     optimizer = torch.optim.Adam([z], lr=0.1 * step)
     decode = _pipeline(model, step)
@@ -61,33 +61,22 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
     return best[0].cpu().numpy()
 
 
-def _straight_through(step: float | Any, device: str) -> Callable[[Any], Any]:
-    """z -> its dequantized quantization in the forward pass, identity gradient in the backward pass;
-    rounded as the quantizer rounds (``quantize.rounded``)."""
+def _straight_through(step: float | Any) -> Callable[[Any], Any]:
+    """z -> the latent the file will hold in the forward pass, identity gradient in the backward pass.
+
+    The forward value comes from the storing quantizer's own ``quantize`` and ``dequantize`` (a
+    uniform one for a plain ``step``), so its rounding and transform are the file's exactly.
+    """
     import torch
 
-    offset = getattr(step, "rounding_offset", 0.0)
+    from ..core import quantize
 
-    def round_(values: Any) -> Any:
-        if offset == 0:
-            return torch.round(values)
-        return torch.copysign(torch.floor(values.abs() + (0.5 - offset)), values)
+    def stored(z: Any) -> Any:
+        latent = z.detach()[0].cpu().numpy()
+        quantizer = quantize.UniformQuantizer.with_step(step, len(latent)) if isinstance(step, (int, float)) else step
+        return torch.from_numpy(quantizer.dequantize(quantizer.quantize(latent)))[None].to(z.device)
 
-    if isinstance(step, (int, float)):
-        return lambda z: z + (round_(z / step) * step - z).detach()
-    steps = torch.tensor(step.steps, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-    transform = getattr(step, "transform", None)
-    if transform is None:  # uniform, one step per channel
-        return lambda z: z + (round_(z / steps) * steps - z).detach()
-    matrix = torch.from_numpy(transform.matrix).float().to(device)
-    mean = torch.from_numpy(transform.mean).float().to(device).reshape(1, -1, 1, 1)
-
-    def rounded(z: Any) -> Any:
-        coefficients = torch.einsum("kc,nchw->nkhw", matrix, z - mean)
-        back = torch.einsum("kc,nkhw->nchw", matrix, round_(coefficients / steps) * steps) + mean
-        return z + (back - z).detach()
-
-    return rounded
+    return lambda z: z + (stored(z) - z).detach()
 
 
 def _pipeline(model: object, step: float):
