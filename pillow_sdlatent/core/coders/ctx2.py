@@ -271,10 +271,14 @@ class _Model:
         x = feat[pos[:, None] + self.prev_taps[ch]]
         return _exact_affine(x, np.abs(x) @ net.w1_row_max[rows], net.w1[rows], net.w1_single[rows], self.bias1[ch])
 
+    def own_layer1(self, feat: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """The symbol's own channel's share of the first layer at ``pos`` (no bias)."""
+        return feat[pos[:, None] + self.same_taps] @ self.net.w1[: len(SAME_TAPS)]
+
     def mixture(self, feat: np.ndarray, pos: np.ndarray, ch: int) -> _Mixture:
         """The distributions at ``pos`` of channel ``ch`` from the network inputs ``feat`` (see _features)."""
         pre = self.prev_layer1(feat, pos, ch)
-        pre += feat[pos[:, None] + self.same_taps] @ self.net.w1[: len(SAME_TAPS)]
+        pre += self.own_layer1(feat, pos)
         return _run(self.net, pre, self.step_fx)
 
     def mixture_all(self, feat: np.ndarray, pos: np.ndarray, ch: int) -> _Mixture:
@@ -342,8 +346,7 @@ class _Decoding:
         model = self.model
         if end > self.block[1]:
             self._next_block(begin, end)
-        pos = model.lay.pos[begin:end]
-        pre = self.feat[pos[:, None] + model.same_taps] @ model.net.w1[: len(SAME_TAPS)]
+        pre = model.own_layer1(self.feat, model.lay.pos[begin:end])
         pre += self.prev[begin - self.block[0] : end - self.block[0]]
         mix = _run(model.net, pre, model.step_fx)
         return _window_bounds(mix, self.radius).tolist(), mix.centre - self.radius
