@@ -20,7 +20,7 @@ from . import rate
 from .core import coders, container, quantize
 from .core.container import DamagedFileError, Header, Layout
 from .core.modes import alpha_chunk, alpha_plane, finish_mode, working_image
-from .core.read import file_quantizer, latent_from_layout, open_binary
+from .core.read import file_quantizer, latent_from_layout, open_binary, read_checked_layout
 from .core.registry import REGISTRY, get_spec
 from .enhance import effort
 from .options import DecodeOptions, EncodeOptions, metadata_from
@@ -180,13 +180,8 @@ def decode_files(sources: Sequence[str | os.PathLike | IO[bytes] | bytes], *, ba
     prepared = []
     for source in sources:
         with open_binary(source) as fp:
-            layout = container.read_layout(fp)
-            container.check_pixel_limit(layout.header.width, layout.header.height)
-            latent = latent_from_layout(fp, layout)
-            alpha = alpha_plane(layout) if layout.header.mode in container.ALPHA_MODES else None
-        decoder = decoder_for(layout, decode_options)
-        latent = clean_latent(latent, layout, decoder, decode_options)
-        prepared.append((layout, latent, alpha, decoder))
+            layout = read_checked_layout(fp)
+            prepared.append((layout, *_decoder_input(fp, layout, decode_options)))
     groups: dict[tuple, list[int]] = {}
     for index, (_, latent, _, decoder) in enumerate(prepared):
         groups.setdefault((id(decoder), latent.shape), []).append(index)
@@ -269,12 +264,17 @@ def decode_layout(fp: IO[bytes], layout: Layout, options: DecodeOptions, *,
     checked before the decoder runs, the one expensive step. ``options.restore``
     and ``options.denoise`` choose the decoder-side restoration (see ``clean_latent``).
     """
-    header = layout.header
+    latent, alpha, decoder = _decoder_input(fp, layout, options, allow_truncated=allow_truncated)
+    return finish_mode(full_size(decoder.decode_image(latent), layout.header), layout, alpha)
+
+
+def _decoder_input(fp: IO[bytes], layout: Layout, options: DecodeOptions, *,
+                  allow_truncated: bool = False) -> tuple[np.ndarray, bytes | None, Any]:
+    """The cleaned latent, the alpha plane (alpha modes) and the decoder of an opened file."""
     latent = latent_from_layout(fp, layout, allow_truncated)
-    alpha = alpha_plane(layout) if header.mode in container.ALPHA_MODES else None
+    alpha = alpha_plane(layout) if layout.header.mode in container.ALPHA_MODES else None
     decoder = decoder_for(layout, options)
-    latent = clean_latent(latent, layout, decoder, options)
-    return finish_mode(full_size(decoder.decode_image(latent), header), layout, alpha)
+    return clean_latent(latent, layout, decoder, options), alpha, decoder
 
 
 def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, options: DecodeOptions) -> np.ndarray:
@@ -307,8 +307,7 @@ def decode_file(source: str | os.PathLike | IO[bytes] | bytes, **options: Any) -
     """
     decode_options = DecodeOptions.from_mapping(options)
     with open_binary(source) as fp:
-        layout = container.read_layout(fp)
-        container.check_pixel_limit(layout.header.width, layout.header.height)
+        layout = read_checked_layout(fp)
         image = decode_layout(fp, layout, decode_options)
     image.info.update(layout.metadata)
     return image

@@ -78,9 +78,14 @@ def read_latent(source: str | os.PathLike | IO[bytes] | bytes) -> np.ndarray:
     eighth of the coded size, which is smaller than the image's for a file coded at a lower scale.
     """
     with open_binary(source) as fp:
-        layout = container.read_layout(fp)
-        container.check_pixel_limit(layout.header.width, layout.header.height)
-        return latent_from_layout(fp, layout)
+        return latent_from_layout(fp, read_checked_layout(fp))
+
+
+def read_checked_layout(fp: IO[bytes]) -> Layout:
+    """``container.read_layout`` with Pillow's decompression-bomb rule, for reads that skip ``Image.open``."""
+    layout = container.read_layout(fp)
+    container.check_pixel_limit(layout.header.width, layout.header.height)
+    return layout
 
 
 @contextlib.contextmanager
