@@ -78,9 +78,7 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     from pillow_sdlatent.enhance import restore
     from pillow_sdlatent.options import DecodeOptions
 
-    buffer = io.BytesIO()
-    photo.save(buffer, format="SDL")
-    data = buffer.getvalue()
+    data = sdl_bytes(photo, {})
     best = f"best of {repeats}"
 
     def opened() -> Image.Image:
@@ -96,12 +94,6 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     step = max(read.file_quantizer(layout.header).steps)
     restorer_step = max(step, restore.HELPFUL_STEPS[0])
     model = layout.header.model
-
-    def thumbnail() -> None:
-        image = opened()
-        image.thumbnail(THUMBNAIL)  # when the preview is already the size, Pillow leaves the pixels unloaded
-        image.load()
-
     rows = [
         _row(f"header parse (Image.open; {model}, {layout.header.quantizer}, coded {layout.header.coded[0]}x"
              f"{layout.header.coded[1]})", "decode", best_of(opened, repeats), best, len(data)),
@@ -121,37 +113,39 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
              best_of(lambda: decoder.decode_image(cleaned), repeats), best),
         _row("resampling and mode (full_size, finish_mode)", "decode",
              best_of(lambda: modes.finish_mode(pipeline.full_size(rgb, layout.header), layout, None), repeats), best),
-        _row("whole load(), warm", "decode", best_of(lambda: opened().load(), repeats), best, len(data)),
-        _row(f"thumbnail({THUMBNAIL[0]}, {THUMBNAIL[1]}), warm", "decode", best_of(thumbnail, repeats), best),
-        _row("save(), warm", "encode", best_of(lambda: photo.save(io.BytesIO(), format="SDL"), repeats), best,
-             len(data)),
+        *whole_file_rows(photo, data, {}, repeats),
     ]
     return rows, data
 
 
-def whole_file_rows(photo: Image.Image, options: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
-    """Warm ``load()``, thumbnail and ``save()`` of the photo saved with ``options``, labelled with the
-    model and coded size the encoder chose."""
+def sdl_bytes(photo: Image.Image, options: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     photo.save(buffer, format="SDL", **options)
-    data = buffer.getvalue()
-    with Image.open(io.BytesIO(data)) as opened:
-        sdl = opened.info["sdl"]
-    label = ", ".join(f"{k}={v}" for k, v in options.items())
-    label += f"; {sdl['model']}, {sdl['coder']}, coded {sdl['coded_size'][0]}x{sdl['coded_size'][1]}"
+    return buffer.getvalue()
+
+
+def whole_file_rows(photo: Image.Image, data: bytes, options: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
+    """Warm ``load()``, thumbnail and ``save()`` of ``data``, the photo saved with ``options``; with
+    options, each stage is labelled with them and with the model and coded size the encoder chose."""
+    label = ""
+    if options:
+        with Image.open(io.BytesIO(data)) as opened:
+            sdl = opened.info["sdl"]
+        label = (", ".join(f"{k}={v}" for k, v in options.items())
+                 + f"; {sdl['model']}, {sdl['coder']}, coded {sdl['coded_size'][0]}x{sdl['coded_size'][1]}")
+        label = f"[{label}] "
     best = f"best of {repeats}"
 
     def thumbnail() -> None:
         with Image.open(io.BytesIO(data)) as image:
-            image.thumbnail(THUMBNAIL)
+            image.thumbnail(THUMBNAIL)  # when the preview is already the size, Pillow leaves the pixels unloaded
             image.load()
 
     return [
-        _row(f"[{label}] whole load(), warm", "decode",
+        _row(f"{label}whole load(), warm", "decode",
              best_of(lambda: Image.open(io.BytesIO(data)).load(), repeats), best, len(data)),
-        _row(f"[{label}] thumbnail({THUMBNAIL[0]}, {THUMBNAIL[1]}), warm", "decode", best_of(thumbnail, repeats), best),
-        _row(f"[{label}] save(), warm", "encode",
-             best_of(lambda: photo.save(io.BytesIO(), format="SDL", **options), repeats), best, len(data)),
+        _row(f"{label}thumbnail({THUMBNAIL[0]}, {THUMBNAIL[1]}), warm", "decode", best_of(thumbnail, repeats), best),
+        _row(f"{label}save(), warm", "encode", best_of(lambda: sdl_bytes(photo, options), repeats), best, len(data)),
     ]
 
 
@@ -219,7 +213,7 @@ def stage_rows(repeats: int) -> list[dict[str, Any]]:
     rows, data = sdl_stages(photo, repeats)
     rows += fresh_process_rows(data)
     for bpp in HIGHER_RATES:
-        rows += whole_file_rows(photo, {"bpp": bpp}, repeats)
+        rows += whole_file_rows(photo, sdl_bytes(photo, {"bpp": bpp}), {"bpp": bpp}, repeats)
     rows += classic_rows(photo, len(data), repeats)
     avif = {row["side"]: row["value"] for row in rows if row["stage"].startswith("AVIF")}
     for row in rows:
