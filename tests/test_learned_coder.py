@@ -12,6 +12,7 @@ import pytest
 from pillow_sdlatent.core.coders import ZstdCoder, check_coder, ctx2
 from pillow_sdlatent.core.coders.ctx1 import ContextCoder
 from pillow_sdlatent.core.coders.ctx2 import LearnedContextCoder
+from pillow_sdlatent.once import LoadOnce
 from tests.coding import round_trip, sample_symbols
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "kodak_taesd_symbols.npz"
@@ -104,7 +105,7 @@ def test_shipped_weights_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyP
     data[-1] ^= 1
     tampered.write_bytes(bytes(data))
     monkeypatch.setattr(ctx2, "WEIGHTS_FILE", tampered)
-    monkeypatch.setattr(ctx2, "_net_cache", [])
+    monkeypatch.setattr(ctx2, "_loaded", LoadOnce())
     with pytest.raises(OSError, match="reinstall"):
         CODER.decode(bytes.fromhex(GOLDEN_PARAMS), bytes.fromhex(GOLDEN_PAYLOAD), (4, 6, 7))
 

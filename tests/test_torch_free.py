@@ -150,7 +150,7 @@ def test_clear_cache_frees_and_reloads(photo: Image.Image) -> None:
     restore.restore_latent(latent, 1.0, "taesd")
     ctx2._net()
     pillow_sdlatent.clear_cache()
-    assert not restore._loaded.items and not ctx2._net_cache
+    assert not restore._loaded.items and not ctx2._loaded.items
     after = load_model("taesd")
     assert after is not before
     np.testing.assert_array_equal(after.encode_image(rgb), latent)

@@ -274,7 +274,7 @@ def main() -> None:
         print(f"wrote {args.out} (sha256 {digest}); set ctx2.WEIGHTS_SHA256 to it")
     if "val" in stages:
         lc.WEIGHTS_FILE, lc.WEIGHTS_SHA256 = args.out, hashlib.sha256(args.out.read_bytes()).hexdigest()
-        lc._net_cache.clear()
+        lc.clear_cache()
         validate(held_out, args.val_steps)
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..core.registry import DEFAULT_MODEL, ModelSpec, get_spec
+from ..once import LoadOnce
 from . import onnx_graphs, tiling
 from .runtime import (
     DEVICE_ENV,
@@ -174,31 +175,6 @@ def _same_kind(like: Any, result: Any) -> Any:
     return result.numpy() if hasattr(result, "detach") else result
 
 
-class LoadOnce:
-    """Values built once per key and then shared, even when many threads ask for one at once.
-
-    A lock per key lets two different models load in parallel while a second
-    request for the same model waits for the first instead of loading it again.
-    """
-
-    def __init__(self) -> None:
-        self.items: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
-        self._key_locks: dict[tuple, threading.Lock] = {}
-
-    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self.items:
-                return self.items[key]
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
-            if key not in self.items:
-                value = build()
-                with self._lock:
-                    self.items[key] = value
-        return self.items[key]
-
-
 _models = LoadOnce()
 
 
@@ -220,7 +196,7 @@ def _drop_caches() -> list[Any]:
         dropped += restore.clear_cache()
     ctx2 = sys.modules.get("pillow_sdlatent.core.coders.ctx2")
     if ctx2 is not None:
-        ctx2._net_cache.clear()  # ctx2's network: plain numpy, rebuilt on the next call
+        dropped += ctx2.clear_cache()
     return dropped
 
 

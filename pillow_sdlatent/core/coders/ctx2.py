@@ -22,11 +22,11 @@ own-channel taps, the hidden layers and the probability tables remain.
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
+from ...once import LoadOnce
 from ...weights import WEIGHTS_DIR
 from .rans import (
     ESCAPE_FREQ,
@@ -102,16 +102,22 @@ class _Net:
         return self.w3.shape[1] // 3
 
 
-_net_cache: list[_Net] = []
-_net_lock = threading.Lock()
+_loaded = LoadOnce()
 
 
 def _net() -> _Net:
     """The shipped network, loaded and checked once (thread-safe)."""
-    with _net_lock:
-        if not _net_cache:
-            _net_cache.append(_load_net())
-        return _net_cache[0]
+    return _loaded.get(("net",), _load_net)
+
+
+def clear_cache() -> list[_Net]:
+    """Forget the loaded network (``models.clear_cache`` calls this); returns it.
+
+    A fresh ``LoadOnce`` also brings fresh locks: a forked child may inherit the old ones held.
+    """
+    global _loaded
+    dropped, _loaded = list(_loaded.items.values()), LoadOnce()
+    return dropped
 
 
 def _load_net() -> _Net:
