@@ -118,3 +118,65 @@ def test_decode_rejects_bad_parameters_and_shapes() -> None:
     for shape in ((3, 6, 7), (16, 6, 7)):
         with pytest.raises(ValueError, match="4-channel"):
             CODER.decode(params, payload, shape)
+
+
+def _decode_both(params: bytes, payload: bytes, shape: tuple[int, int, int], partial: bool = False,
+                 ) -> tuple[np.ndarray | str, np.ndarray | str]:
+    """What the C decoder and the numpy decoder make of a stream: the symbols, or the error's text."""
+    outcomes = []
+    for native in (ctx2.native, None):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ctx2, "native", native)
+            try:
+                outcomes.append(CODER.decode(params, payload, shape, partial))
+            except ValueError as exc:
+                outcomes.append(str(exc))
+    return outcomes[0], outcomes[1]
+
+
+def _same(a: np.ndarray | str, b: np.ndarray | str) -> bool:
+    return a == b if isinstance(a, str) or isinstance(b, str) else np.array_equal(a, b)
+
+
+NATIVE = pytest.mark.skipif(ctx2.native is None, reason="the package was built without a C compiler")
+
+
+@NATIVE
+def test_native_decoder_gives_the_numpy_decoders_symbols() -> None:
+    """The C loop decodes every stream to the symbols the numpy loop gives: Kodak latents at a coarse
+    and a fine step, escapes at the ends of the 16-bit range, shapes of one row, one column, one symbol."""
+    fixture = np.load(FIXTURE)
+    rng = np.random.default_rng(1)
+    cases = [fixture["kodim22_step0.6"][:, :32, :48], fixture["kodim04_step0.25"][:, :40, :24], sample_symbols(4),
+             rng.laplace(0, 3, (4, 1, 50)).round(), rng.laplace(0, 3, (4, 40, 1)).round(),
+             np.array([[[5]], [[-7]], [[0]], [[32767]]]), rng.laplace(0, 200, (4, 5, 7)).round()]
+    for symbols in cases:
+        symbols = symbols.astype(np.int32)
+        params, payload = CODER.encode(symbols)
+        native, numpy = _decode_both(params, payload, symbols.shape)
+        np.testing.assert_array_equal(native, symbols)
+        np.testing.assert_array_equal(numpy, symbols)
+
+
+@NATIVE
+def test_native_decoder_fails_and_truncates_as_the_numpy_decoder() -> None:
+    """Damaged payloads (bytes flipped) raise the same errors or decode to the same symbols; truncated
+    ones decode the same prefix with ``partial`` and raise the same error without."""
+    symbols = np.load(FIXTURE)["kodim22_step0.6"].astype(np.int32)[:, :16, :24]
+    symbols[2, 3, 4] = 20000  # an escape with more than 8 bits of excess
+    params, payload = CODER.encode(symbols)
+    rng = np.random.default_rng(2)
+    outcomes = set()
+    for _ in range(40):
+        damaged = bytearray(payload)
+        for at in rng.integers(0, len(payload), 3):
+            damaged[at] ^= int(rng.integers(1, 256))
+        native, numpy = _decode_both(params, bytes(damaged), symbols.shape)
+        assert _same(native, numpy)
+        outcomes.add(native if isinstance(native, str) else "decoded")
+    assert len(outcomes) >= 2, outcomes  # the damage reached more than one kind of failure
+    for cut in (0, 10, len(payload) // 3, len(payload) - 2):
+        for partial in (True, False):
+            native, numpy = _decode_both(params, payload[:cut], symbols.shape, partial)
+            assert _same(native, numpy), (cut, partial)
+        assert isinstance(native, str) and ("truncated" in native or "length" in native), native

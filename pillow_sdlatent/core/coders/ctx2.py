@@ -16,7 +16,9 @@ Decoding runs channel by channel over wavefronts ``WAVE_SLOPE*y + x`` (``wavefro
 a symbol lies on an earlier wavefront, so each wavefront is one batched network evaluation plus
 interleaved rANS lanes. The earlier channels' share of the first layer is known before a channel
 starts, so it runs as one large product per channel (in blocks); per wavefront only the 24
-own-channel taps, the hidden layers and the probability tables remain.
+own-channel taps, the hidden layers and the probability tables remain. Those run in C
+(``_ctx2_native.c``, the same integers) where the package was built with a compiler, and in numpy
+otherwise.
 """
 
 from __future__ import annotations
@@ -33,10 +35,18 @@ from .rans import (
     MAX_SYMBOL,
     PROB_SCALE,
     RansEncoder,
+    TruncatedStreamError,
+    check_finished,
     checked_shape,
     checked_symbols,
+    read_stream,
 )
 from .wavefront import WavefrontLayout, decode_wavefronts, wavefront_layout
+
+try:
+    from . import _ctx2_native as native
+except ImportError:  # built without a C compiler: the numpy loop decodes the same symbols, slower
+    native = None
 
 WEIGHTS_FILE = WEIGHTS_DIR / "ctx2_sd1.safetensors"
 #: SHA-256 of WEIGHTS_FILE: a file coded with other weights would decode to garbage, so refuse them
@@ -372,6 +382,37 @@ class _Decoding:
         self.sym[pos] = symbols
         self.feat[pos] = _features(symbols, self.model.step_fx)
 
+    def decode_native(self, payload: bytes, partial: bool) -> None:
+        """Decode every wavefront in one call of the C decoder: the symbols ``decode_wavefronts``
+        would give, and the same errors."""
+        model, net, lay, name = self.model, self.model.net, self.model.lay, "ctx2 coder"
+        try:
+            state, words = read_stream(payload, lay.lanes, lay.pos.size, name, partial)
+        except TruncatedStreamError:
+            if partial:
+                return
+            raise
+        window = lay.offsets((0, dy, dx) for dy, dx in PREV_TAPS)
+        _, words_read, status = native.decode(
+            np.asarray(lay.steps, dtype=np.int64), lay.pos, lay.chan, self.sym, self.feat, state, words,
+            model.same_taps, window, lay.plane, net.w1_single, net.w1, net.w1_row_max, np.stack(model.bias1),
+            net.w2_single, net.w2,
+            net.w2_row_max, net.b2, net.w3, net.b3, net.inv_scale, net.exp_table, net.sigmoid, model.step_fx,
+            net.log_scale_min, self.radius, lay.lanes)
+        if status == _TRUNCATED:
+            if partial:
+                return
+            raise TruncatedStreamError(f"{name} payload is truncated")
+        if status == _OUT_OF_RANGE:
+            raise ValueError(f"{name} payload decodes to an out-of-range symbol")
+        if status == _OVERSIZED_ESCAPE:
+            raise ValueError(f"{name} payload has an oversized escape")
+        check_finished(state, words_read, len(words), name)
+
+
+# native.decode's status codes (_ctx2_native.c)
+_TRUNCATED, _OUT_OF_RANGE, _OVERSIZED_ESCAPE = 1, 2, 3
+
 
 # --- the coder ---------------------------------------------------------------------------
 
@@ -475,5 +516,8 @@ class LearnedContextCoder:
         cond, radius = params
         lay = _layout((ch, h, w))
         decoding = _Decoding(_Model.build(lay, cond), radius)
-        decode_wavefronts(payload, lay, decoding, "ctx2 coder", partial)
+        if native is not None:
+            decoding.decode_native(payload, partial)
+        else:
+            decode_wavefronts(payload, lay, decoding, "ctx2 coder", partial)
         return lay.unpadded(decoding.sym)

@@ -126,19 +126,9 @@ class RansDecoder:
     def __init__(self, payload: bytes, lanes: int, n_symbols: int, name: str, partial: bool = False) -> None:
         self.name = name
         self.lanes = lanes
-        if partial:
-            if len(payload) < 4 * lanes:
-                raise TruncatedStreamError(f"{name} payload is truncated before its first symbol")
-            payload = payload[: len(payload) - (len(payload) - 4 * lanes) % 2]
-        n_words, odd = divmod(len(payload) - 4 * lanes, 2)
-        # no symbol costs more than 32 bits (plus rANS rounding), so two words per symbol and some slack
-        if n_words < 0 or odd or n_words > 2 * n_symbols + 256:
-            raise ValueError(f"{name} payload has a bad length")
-        state = np.frombuffer(payload, dtype="<u4", count=lanes)
-        if (state < RANS_LOW).any():
-            raise ValueError(f"{name} payload has a bad initial state")
+        state, words = read_stream(payload, lanes, n_symbols, name, partial)
         self.state: list[int] = state.tolist()
-        self.words: list[int] = np.frombuffer(payload, dtype="<u2", offset=4 * lanes).tolist()
+        self.words: list[int] = words.tolist()
         self.pos = 0
 
     def _word(self) -> int:
@@ -216,5 +206,31 @@ class RansDecoder:
         return v
 
     def finish(self) -> None:
-        if self.pos != len(self.words) or any(x != RANS_LOW for x in self.state):
-            raise ValueError(f"{self.name} payload is damaged (final state mismatch)")
+        check_finished(self.state, self.pos, len(self.words), self.name)
+
+
+def read_stream(payload: bytes, lanes: int, n_symbols: int, name: str,
+                partial: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The lanes' initial states (uint32) and the renormalisation words (native uint16) of a payload,
+    both fresh arrays; ``ValueError`` for a payload no stream of ``n_symbols`` symbols can have.
+
+    ``partial``: the payload may be a prefix of the stream (see ``RansDecoder``).
+    """
+    if partial:
+        if len(payload) < 4 * lanes:
+            raise TruncatedStreamError(f"{name} payload is truncated before its first symbol")
+        payload = payload[: len(payload) - (len(payload) - 4 * lanes) % 2]
+    n_words, odd = divmod(len(payload) - 4 * lanes, 2)
+    # no symbol costs more than 32 bits (plus rANS rounding), so two words per symbol and some slack
+    if n_words < 0 or odd or n_words > 2 * n_symbols + 256:
+        raise ValueError(f"{name} payload has a bad length")
+    state = np.frombuffer(payload, dtype="<u4", count=lanes).astype(np.uint32)
+    if (state < RANS_LOW).any():
+        raise ValueError(f"{name} payload has a bad initial state")
+    return state, np.frombuffer(payload, dtype="<u2", offset=4 * lanes).astype(np.uint16)
+
+
+def check_finished(state: list[int] | np.ndarray, words_read: int, n_words: int, name: str) -> None:
+    """``ValueError`` unless a decode read every word and left every lane at its initial state."""
+    if words_read != n_words or any(x != RANS_LOW for x in state):
+        raise ValueError(f"{name} payload is damaged (final state mismatch)")

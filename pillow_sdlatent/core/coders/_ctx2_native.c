@@ -1,0 +1,641 @@
+/* The ctx2 decoder in C: the same integers as ctx2.py's numpy path, one call per latent.
+ *
+ * Why: a 768x512 latent is 1,392 wavefronts of 8-24 symbols, decoded one after another; in numpy each
+ * wavefront costs about 100 us of call overhead on top of its arithmetic. Here the whole loop runs
+ * in C, and it skips the work numpy cannot: zero inputs and zero activations (most of them: symbols
+ * of 0, and the clamp at 0) contribute nothing, and a symbol's table is searched for the slot its
+ * lane holds instead of being written out in full.
+ *
+ * Exactness (FORMAT.md "ctx2"): every value is an integer, or an integer times 2**-10 held in a
+ * double or float. Doubles hold every such value the network can reach (ctx2.py checks the bound
+ * when the weights load); the second layer runs in float only for rows whose bound (inputs times
+ * the largest weight of each row, summed) stays below 2**24 units, where every product and partial
+ * sum is exact in any order. So the result does not depend on the compiler, the vector width,
+ * the summation order or FMA contraction. Signed shifts and divisions round toward minus infinity,
+ * as numpy's do.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ctx2.py's fixed-point layout; the golden streams in the tests hold both paths to it */
+#define ACT_LIMIT 65535.0
+#define INPUT_LIMIT 4096        /* network inputs: latent units * 2**8, clamped */
+#define FEATURE_SHIFT 8         /* STEP_BITS - INPUT_BITS */
+#define MU_SHIFT 6              /* STEP_BITS + MU_BITS - ACC_BITS */
+#define MU_LIMIT (32767 * 256)  /* MAX_SYMBOL << MU_BITS */
+#define LOG_SCALE_SHIFT 14      /* ACC_BITS - log2(LOG_SCALE_STEPS) */
+#define SIG_SHIFT 19            /* MU_BITS + INV_SCALE_BITS - log2(SIG_RES) */
+#define SIG_HALF 512
+#define PROB_SCALE 65536
+#define RANS_LOW 65536
+#define ESCAPE_FREQ 32
+#define ESC_NBITS_BITS 5
+#define MAX_ESC_NBITS 16
+#define MAX_SYMBOL 32767
+#define SINGLE_EXACT (16777216.0 / 1024.0) /* 2**24 units of 2**-10 */
+#define MAX_MIXTURES 16
+#define MAX_LANES 128
+#define BLOCK 64 /* columns of a hidden layer computed together, in registers, for every row of a wavefront */
+#define OUT_PAD 16 /* the output layer's columns, padded */
+
+#if defined(_MSC_VER)
+#define restrict __restrict
+#endif
+
+enum { DONE = 0, TRUNCATED = 1, OUT_OF_RANGE = 2, OVERSIZED_ESCAPE = 3, NO_MEMORY = -1 };
+
+#if defined(__GNUC__)
+/* GCC and Clang vector types: accumulators that stay in registers, whatever the vector width */
+#define VECTORS 1
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef double f64x8 __attribute__((vector_size(64)));
+static inline f32x16 load32(const float *p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline f64x8 load64(const double *p) {
+    f64x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+#else
+#define VECTORS 0
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* one build runs the widest vectors the CPU has; results are the same on each (see above) */
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+static inline int64_t floor_shift(int64_t a, int s) { return a >= 0 ? a >> s : ~((~a) >> s); }
+
+static inline int64_t floor_div(int64_t a, int64_t b) {
+    int64_t q = a / b;
+    return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+typedef struct {
+    Py_ssize_t hidden, mixtures, n_same, n_window, n_inv, n_exp, n_sig;
+    int64_t step_fx, log_scale_min, radius, lanes, plane;
+    const int64_t *same_taps, *window_taps; /* flat offsets: own-channel taps, one earlier channel's window */
+    const float *w1_single, *w2_single;     /* the two hidden layers' weights as floats, for exact rows */
+    const double *w1, *w1_row_max, *bias1;  /* (n_same + 3 n_window) x hidden, its rows' max |w|, channels x hidden */
+    const double *w2, *w2_row_max, *b2;     /* hidden x hidden, its rows' max |w|, hidden */
+    double *w3;                             /* hidden x OUT_PAD, padded with zeros */
+    const double *b3;
+    const int64_t *inv_scale, *exp_table, *sigmoid;
+} Net;
+
+/* Per row, a layer's nonzero inputs and the weight rows they go with, cut into runs whose bounds
+ * (|input| times the largest |weight| of its row) sum below SINGLE_EXACT: a run's products and
+ * partial sums are then exact in float. A row with one input too large for that is `wide`. */
+typedef struct {
+    int32_t *index;
+    float *value;
+    Py_ssize_t *run_end; /* per row (stride + 1 reserved): where each run ends */
+    Py_ssize_t *runs;    /* per row */
+    unsigned char *wide; /* per row */
+    Py_ssize_t stride;   /* entries reserved per row */
+} Sparse;
+
+/* Builds one row of a Sparse from candidate inputs, dropping zeros without branching on them */
+typedef struct {
+    Sparse *s;
+    Py_ssize_t r, count, runs;
+    double run;
+    int wide;
+} RowBuilder;
+
+/* How many inputs row r keeps */
+static inline Py_ssize_t entries(const Sparse *s, Py_ssize_t r) { return s->run_end[r * (s->stride + 1) + s->runs[r] - 1]; }
+
+static inline RowBuilder row_builder(Sparse *s, Py_ssize_t r) {
+    RowBuilder b = {s, r, 0, 0, 0.0, 0};
+    return b;
+}
+
+static inline void keep(RowBuilder *b, int32_t row, float x, const double *row_max) {
+    Sparse *s = b->s;
+    Py_ssize_t e = b->r * s->stride + b->count;
+    double bound = fabs((double)x) * row_max[row];
+    s->index[e] = row;
+    s->value[e] = x;
+    if (b->run + bound >= SINGLE_EXACT) {
+        s->run_end[b->r * (s->stride + 1) + b->runs++] = b->count;
+        b->run = 0.0;
+    }
+    b->run += bound;
+    b->wide |= bound >= SINGLE_EXACT;
+    b->count += x != 0.0f;
+}
+
+static inline void finish_row(RowBuilder *b) {
+    Sparse *s = b->s;
+    s->run_end[b->r * (s->stride + 1) + b->runs++] = b->count;
+    s->runs[b->r] = b->runs;
+    s->wide[b->r] = (unsigned char)b->wide;
+}
+
+typedef struct {
+    uint32_t *state;
+    const uint16_t *words;
+    Py_ssize_t n_words, pos;
+} Stream;
+
+/* out[r] = bias + the nonzero inputs of row r times their rows of w, for the rows of one wavefront that
+ * are not wide: float within a run, double across runs */
+VECTOR_CLONES static void product_single(Py_ssize_t rows, Py_ssize_t hidden, const float *restrict w,
+                                         const double *restrict bias, const Sparse *in, double *restrict out) {
+    for (Py_ssize_t jb = 0; jb < hidden; jb += BLOCK) {
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            if (in->wide[r]) continue;
+            const int32_t *restrict index = in->index + r * in->stride;
+            const float *restrict value = in->value + r * in->stride;
+            const Py_ssize_t *restrict run_end = in->run_end + r * (in->stride + 1);
+            double *restrict total = out + r * hidden + jb;
+            for (int j = 0; j < BLOCK; j++) total[j] = bias[jb + j];
+            for (Py_ssize_t k = 0, t = 0; k < in->runs[r]; k++) {
+                float part[BLOCK];
+#if VECTORS
+                /* two sets of accumulators, even and odd inputs, to keep both FMA pipes busy */
+                f32x16 a[BLOCK / 16] = {{0}}, b[BLOCK / 16] = {{0}};
+                for (; t + 1 < run_end[k]; t += 2) {
+                    const float *row = w + (Py_ssize_t)index[t] * hidden + jb;
+                    const float *next = w + (Py_ssize_t)index[t + 1] * hidden + jb;
+                    for (int v = 0; v < BLOCK / 16; v++) {
+                        a[v] += value[t] * load32(row + 16 * v);
+                        b[v] += value[t + 1] * load32(next + 16 * v);
+                    }
+                }
+                for (; t < run_end[k]; t++) {
+                    const float *row = w + (Py_ssize_t)index[t] * hidden + jb;
+                    for (int v = 0; v < BLOCK / 16; v++) a[v] += value[t] * load32(row + 16 * v);
+                }
+                for (int v = 0; v < BLOCK / 16; v++) {
+                    a[v] += b[v];
+                    memcpy(part + 16 * v, &a[v], sizeof a[v]);
+                }
+#else
+                for (int j = 0; j < BLOCK; j++) part[j] = 0.0f;
+                for (; t < run_end[k]; t++)
+                    for (int j = 0; j < BLOCK; j++) part[j] += value[t] * w[(Py_ssize_t)index[t] * hidden + jb + j];
+#endif
+                for (int j = 0; j < BLOCK; j++) total[j] += part[j];
+            }
+        }
+    }
+}
+
+/* out = bias + the nonzero inputs of row r times their rows of w, in double: a `wide` row */
+VECTOR_CLONES static void product_double(Py_ssize_t hidden, const double *restrict w, const double *restrict bias,
+                                         const Sparse *in, Py_ssize_t r, double *restrict out) {
+    const int32_t *restrict index = in->index + r * in->stride;
+    const float *restrict value = in->value + r * in->stride;
+    memcpy(out, bias, (size_t)hidden * sizeof(double));
+    for (Py_ssize_t t = 0; t < entries(in, r); t++) {
+        const double *restrict row = w + (Py_ssize_t)index[t] * hidden;
+        double x = value[t];
+        for (Py_ssize_t j = 0; j < hidden; j++) out[j] += x * row[j];
+    }
+}
+
+/* h = clamp(floor(a), 0, ACT_LIMIT) */
+VECTOR_CLONES static void activate(Py_ssize_t n, const double *restrict a, float *restrict h) {
+    for (Py_ssize_t j = 0; j < n; j++) {
+        double v = floor(a[j]);
+        v = v > 0.0 ? v : 0.0; /* written so that it compiles to max and min instructions */
+        h[j] = (float)(v < ACT_LIMIT ? v : ACT_LIMIT);
+    }
+}
+
+/* out = h2 @ w3 (columns padded to OUT_PAD) from the nonzero activations of row r */
+VECTOR_CLONES static void output_layer(const double *restrict w3, const Sparse *act, Py_ssize_t r,
+                                       double *restrict out) {
+    const int32_t *restrict index = act->index + r * act->stride;
+    const float *restrict value = act->value + r * act->stride;
+#if VECTORS
+    f64x8 a0 = {0}, a1 = {0};
+    for (Py_ssize_t k = 0; k < entries(act, r); k++) {
+        const double *row = w3 + (Py_ssize_t)index[k] * OUT_PAD;
+        a0 += (double)value[k] * load64(row);
+        a1 += (double)value[k] * load64(row + 8);
+    }
+    memcpy(out, &a0, sizeof a0);
+    memcpy(out + 8, &a1, sizeof a1);
+#else
+    for (int t = 0; t < OUT_PAD; t++) out[t] = 0.0;
+    for (Py_ssize_t k = 0; k < entries(act, r); k++)
+        for (int t = 0; t < OUT_PAD; t++) out[t] += value[k] * w3[(Py_ssize_t)index[k] * OUT_PAD + t];
+#endif
+}
+
+/* Row r of `act`: the nonzero activations of `h` */
+static void gather_activations(const float *h, Py_ssize_t hidden, const double *row_max, Sparse *act, Py_ssize_t r) {
+    RowBuilder b = row_builder(act, r);
+    for (Py_ssize_t k = 0; k < hidden; k++) keep(&b, (int32_t)k, h[k], row_max);
+    finish_row(&b);
+}
+
+/* Per symbol: K means, K inverse scales, K weights; returns the window centre */
+static int64_t mixture(const Net *net, const double *out_float, int64_t *mix) {
+    Py_ssize_t K = net->mixtures;
+    int64_t out[3 * MAX_MIXTURES];
+    for (Py_ssize_t t = 0; t < 3 * K; t++) out[t] = (int64_t)(out_float[t] + net->b3[t]);
+    int64_t *mu = mix, *inv = mix + K, *weight = mix + 2 * K;
+    int64_t top = out[2 * K];
+    for (Py_ssize_t m = 1; m < K; m++) top = out[2 * K + m] > top ? out[2 * K + m] : top;
+    int64_t num = 0, den = 0;
+    for (Py_ssize_t m = 0; m < K; m++) {
+        mu[m] = clamp64(floor_div(out[m] * ((int64_t)1 << MU_SHIFT), net->step_fx), -MU_LIMIT, MU_LIMIT);
+        int64_t li = floor_shift(out[K + m] + ((int64_t)1 << (LOG_SCALE_SHIFT - 1))
+                                 - net->log_scale_min * ((int64_t)1 << LOG_SCALE_SHIFT), LOG_SCALE_SHIFT);
+        inv[m] = net->inv_scale[clamp64(li, 0, net->n_inv - 1)];
+        int64_t below = floor_shift(top + ((int64_t)1 << (LOG_SCALE_SHIFT - 1)) - out[2 * K + m], LOG_SCALE_SHIFT);
+        weight[m] = net->exp_table[clamp64(below, 0, net->n_exp - 1)];
+        num += mu[m] * weight[m];
+        den += weight[m];
+    }
+    return floor_shift(floor_div(num, den) + 128, 8);
+}
+
+/* The unnormalised mixture CDF at the lower edge of value `edge` */
+static int64_t cdf(const Net *net, const int64_t *mix, int64_t edge) {
+    Py_ssize_t K = net->mixtures;
+    int64_t total = 0;
+    for (Py_ssize_t m = 0; m < K; m++) {
+        int64_t z = (edge * 256 - 128 - mix[m]) * mix[K + m];
+        int64_t idx = floor_shift(z + ((int64_t)1 << (SIG_SHIFT - 1)) + ((int64_t)SIG_HALF << SIG_SHIFT), SIG_SHIFT);
+        total += net->sigmoid[clamp64(idx, 0, net->n_sig - 1)] * mix[2 * K + m];
+    }
+    return total;
+}
+
+/* One symbol's table (FORMAT.md "Distribution"): entry boundaries 0, the window's 2R+2 starts, PROB_SCALE */
+typedef struct {
+    const Net *net;
+    const int64_t *mix;
+    int64_t lowest, at_lowest, span, budget;
+} Table;
+
+static Table table(const Net *net, const int64_t *mix, int64_t centre) {
+    int64_t R = net->radius, lowest = centre - R, at_lowest = cdf(net, mix, lowest);
+    Table t = {net, mix, lowest, at_lowest, cdf(net, mix, lowest + 2 * R + 1) - at_lowest + 2 * R + 1,
+               PROB_SCALE - 2 * ESCAPE_FREQ - (2 * R + 1)};
+    return t;
+}
+
+static int64_t boundary(const Table *t, Py_ssize_t j) {
+    if (j == 0) return 0;
+    if (j == 2 * t->net->radius + 3) return PROB_SCALE;
+    int64_t e = j - 1;
+    return ESCAPE_FREQ + e + (cdf(t->net, t->mix, t->lowest + e) - t->at_lowest + e) * t->budget / t->span;
+}
+
+/* One uniform step of `nbits` on `lane`; -1 when the stream runs out */
+static int64_t uniform(Stream *s, Py_ssize_t lane, int nbits) {
+    int shift = 16 - nbits;
+    uint64_t x = s->state[lane], slot = x & (PROB_SCALE - 1), value = slot >> shift;
+    x = ((x >> 16) << shift) + slot - (value << shift);
+    if (x < RANS_LOW) {
+        if (s->pos == s->n_words) return -1;
+        x = x << 16 | s->words[s->pos++];
+    }
+    s->state[lane] = (uint32_t)x;
+    return (int64_t)value;
+}
+
+/* The excess of a piece's escaped lanes (increasing), as rans.py's RansDecoder._excess */
+static int escape_excess(Stream *s, const Py_ssize_t *lanes, Py_ssize_t n, int64_t *v) {
+    int nb[MAX_LANES];
+    for (Py_ssize_t t = 0; t < n; t++) {
+        int64_t got = uniform(s, lanes[t], ESC_NBITS_BITS);
+        if (got < 0) return TRUNCATED;
+        nb[t] = (int)got;
+    }
+    for (Py_ssize_t t = 0; t < n; t++)
+        if (nb[t] > MAX_ESC_NBITS) return OVERSIZED_ESCAPE;
+    for (Py_ssize_t t = 0; t < n; t++) v[t] = (int64_t)1 << nb[t];
+    for (Py_ssize_t t = 0; t < n; t++) {
+        if (nb[t] == 0) continue;
+        int64_t got = uniform(s, lanes[t], nb[t] < 8 ? nb[t] : 8);
+        if (got < 0) return TRUNCATED;
+        v[t] |= got;
+    }
+    for (Py_ssize_t t = 0; t < n; t++) {
+        if (nb[t] <= 8) continue;
+        int64_t got = uniform(s, lanes[t], nb[t] - 8);
+        if (got < 0) return TRUNCATED;
+        v[t] |= got << 8;
+    }
+    return DONE;
+}
+
+/* A wavefront's symbols (rans.py's RansDecoder.wave): each lane finds the entry whose interval holds
+ * its slot, by bisection over boundaries computed as needed; then the escapes, piece by piece */
+static int read_wave(const Net *net, Stream *s, Py_ssize_t n, const int64_t *mix, const int64_t *centre,
+                     int64_t *symbol, Py_ssize_t *escaped, int64_t *excess) {
+    Py_ssize_t k3 = 3 * net->mixtures, n_escaped = 0, last = 2 * net->radius + 3;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Table t = table(net, mix + i * k3, centre[i]);
+        Py_ssize_t lane = i % net->lanes;
+        uint64_t x = s->state[lane], slot = x & (PROB_SCALE - 1);
+        Py_ssize_t lo_j = 0, hi_j = last; /* boundary(lo_j) <= slot < boundary(hi_j) */
+        int64_t lo = 0, hi = PROB_SCALE;
+        while (hi_j - lo_j > 1) {
+            Py_ssize_t mid = (lo_j + hi_j) / 2;
+            int64_t b = boundary(&t, mid);
+            if ((uint64_t)b <= slot) {
+                lo_j = mid;
+                lo = b;
+            } else {
+                hi_j = mid;
+                hi = b;
+            }
+        }
+        x = (uint64_t)(hi - lo) * (x >> 16) + slot - (uint64_t)lo;
+        if (x < RANS_LOW) {
+            if (s->pos == s->n_words) return TRUNCATED;
+            x = x << 16 | s->words[s->pos++];
+        }
+        s->state[lane] = (uint32_t)x;
+        symbol[i] = t.lowest + lo_j - 1;
+        if (lo_j == 0 || hi_j == last) escaped[n_escaped++] = i;
+    }
+    for (Py_ssize_t first = 0; first < n_escaped;) {
+        Py_ssize_t k = escaped[first] - escaped[first] % net->lanes, end = first, piece[MAX_LANES];
+        while (end < n_escaped && escaped[end] < k + net->lanes) {
+            piece[end - first] = escaped[end] - k;
+            end++;
+        }
+        int status = escape_excess(s, piece, end - first, excess);
+        if (status != DONE) return status;
+        for (Py_ssize_t t = first; t < end; t++) {
+            Py_ssize_t i = escaped[t];
+            int64_t lowest = centre[i] - net->radius;
+            symbol[i] = symbol[i] < lowest ? lowest - excess[t - first] : centre[i] + net->radius + excess[t - first];
+        }
+        first = end;
+    }
+    return DONE;
+}
+
+typedef struct {
+    const int64_t *steps, *pos, *chan;
+    Py_ssize_t n_waves, wave;
+    int64_t *sym;
+    double *features;
+} Latent;
+
+/* Row r of `in`: the nonzero network inputs of the symbol at `pos` of channel `ch`, own-channel taps
+ * first, then the windows of the earlier channels */
+static void gather_inputs(const Net *net, const double *features, int64_t pos, int64_t ch, Sparse *in, Py_ssize_t r) {
+    RowBuilder b = row_builder(in, r);
+    for (Py_ssize_t t = 0; t < net->n_same; t++)
+        keep(&b, (int32_t)t, (float)features[pos + net->same_taps[t]], net->w1_row_max);
+    for (int64_t p = 0; p < ch; p++) {
+        const double *window = features + pos + (p - ch) * net->plane;
+        int32_t first = (int32_t)(net->n_same + p * net->n_window);
+        for (Py_ssize_t t = 0; t < net->n_window; t++)
+            keep(&b, first + (int32_t)t, (float)window[net->window_taps[t]], net->w1_row_max);
+    }
+    finish_row(&b);
+}
+
+/* h[r] = one hidden layer's activations for the rows of one wavefront, exact (see the top) */
+static void hidden_layer(Py_ssize_t rows, Py_ssize_t hidden, const float *w_single, const double *w,
+                         const double *bias, const Sparse *in, double *a, float *h) {
+    product_single(rows, hidden, w_single, bias, in, a);
+    for (Py_ssize_t r = 0; r < rows; r++)
+        if (in->wide[r]) product_double(hidden, w, bias, in, r, a + r * hidden);
+    activate(rows * hidden, a, h);
+}
+
+static Sparse sparse(Py_ssize_t rows, Py_ssize_t stride) {
+    Sparse s = {malloc((size_t)(rows * stride) * sizeof(int32_t)), malloc((size_t)(rows * stride) * sizeof(float)),
+                malloc((size_t)(rows * (stride + 1)) * sizeof(Py_ssize_t)), malloc((size_t)rows * sizeof(Py_ssize_t)),
+                malloc((size_t)rows), stride};
+    return s;
+}
+
+static int allocated(const Sparse *s) { return s->index && s->value && s->run_end && s->runs && s->wide; }
+
+static void release(Sparse *s) {
+    free(s->index);
+    free(s->value);
+    free(s->run_end);
+    free(s->runs);
+    free(s->wide);
+}
+
+static int decode_latent(const Net *net, Latent *lat, Stream *s) {
+    Py_ssize_t hidden = net->hidden, widest = 1, k3 = 3 * net->mixtures;
+    for (Py_ssize_t w = 0; w < lat->n_waves; w++)
+        if (lat->steps[2 * w + 1] - lat->steps[2 * w] > widest) widest = lat->steps[2 * w + 1] - lat->steps[2 * w];
+    int status = NO_MEMORY;
+    Sparse in = sparse(widest, net->n_same + 3 * net->n_window), act = sparse(widest, hidden);
+    Sparse act2 = sparse(widest, hidden);
+    float *h = malloc((size_t)(widest * hidden) * sizeof(float));
+    double *a = malloc((size_t)(widest * hidden) * sizeof(double));
+    double out[OUT_PAD] = {0};
+    int64_t *mix = malloc((size_t)(widest * k3) * sizeof(int64_t));
+    int64_t *centre = malloc((size_t)widest * sizeof(int64_t)), *symbol = malloc((size_t)widest * sizeof(int64_t));
+    int64_t *excess = malloc((size_t)widest * sizeof(int64_t));
+    Py_ssize_t *escaped = malloc((size_t)widest * sizeof(Py_ssize_t));
+    if (!allocated(&in) || !allocated(&act) || !allocated(&act2) || !h || !a || !mix || !centre || !symbol
+        || !excess || !escaped)
+        goto done;
+    status = DONE;
+    for (; lat->wave < lat->n_waves; lat->wave++) {
+        Py_ssize_t begin = lat->steps[2 * lat->wave], n = lat->steps[2 * lat->wave + 1] - begin;
+        const int64_t *pos = lat->pos + begin;
+        int64_t ch = lat->chan[begin]; /* a wavefront lies inside one channel */
+        for (Py_ssize_t r = 0; r < n; r++) gather_inputs(net, lat->features, pos[r], ch, &in, r);
+        hidden_layer(n, hidden, net->w1_single, net->w1, net->bias1 + ch * hidden, &in, a, h);
+        for (Py_ssize_t r = 0; r < n; r++) gather_activations(h + r * hidden, hidden, net->w2_row_max, &act, r);
+        hidden_layer(n, hidden, net->w2_single, net->w2, net->b2, &act, a, h);
+        for (Py_ssize_t r = 0; r < n; r++) {
+            gather_activations(h + r * hidden, hidden, net->w2_row_max, &act2, r);
+            output_layer(net->w3, &act2, r, out);
+            centre[r] = mixture(net, out, mix + r * k3);
+        }
+        status = read_wave(net, s, n, mix, centre, symbol, escaped, excess);
+        if (status != DONE) goto done;
+        for (Py_ssize_t r = 0; r < n; r++) {
+            if (symbol[r] < -MAX_SYMBOL - 1 || symbol[r] > MAX_SYMBOL) {
+                status = OUT_OF_RANGE;
+                goto done;
+            }
+        }
+        for (Py_ssize_t r = 0; r < n; r++) {
+            lat->sym[pos[r]] = symbol[r];
+            lat->features[pos[r]] = (double)clamp64(floor_shift(symbol[r] * net->step_fx, FEATURE_SHIFT),
+                                                    -INPUT_LIMIT, INPUT_LIMIT);
+        }
+    }
+done:
+    release(&in);
+    release(&act);
+    release(&act2);
+    free(h); free(a); free(mix); free(centre); free(symbol); free(excess); free(escaped);
+    return status;
+}
+
+static int sized(const Py_buffer *view, Py_ssize_t count, Py_ssize_t item, const char *name) {
+    if (view->len != count * item) {
+        PyErr_Format(PyExc_ValueError, "ctx2 native decoder: %s has %zd bytes, expected %zd", name, view->len,
+                     count * item);
+        return 0;
+    }
+    return 1;
+}
+
+/* Every gather stays inside the flat arrays, and every wavefront inside the coding order */
+static int checked_layout(const Net *net, const Latent *lat, Py_ssize_t n_pos, Py_ssize_t n_flat) {
+    int64_t lo = 0, hi = 0;
+    for (Py_ssize_t t = 0; t < net->n_same; t++) {
+        lo = net->same_taps[t] < lo ? net->same_taps[t] : lo;
+        hi = net->same_taps[t] > hi ? net->same_taps[t] : hi;
+    }
+    int64_t window_lo = 0, window_hi = 0;
+    for (Py_ssize_t t = 0; t < net->n_window; t++) {
+        window_lo = net->window_taps[t] < window_lo ? net->window_taps[t] : window_lo;
+        window_hi = net->window_taps[t] > window_hi ? net->window_taps[t] : window_hi;
+    }
+    for (Py_ssize_t i = 0; i < n_pos; i++) {
+        int64_t p = lat->pos[i], ch = lat->chan[i];
+        if (ch < 0 || ch > 3 || p + lo < 0 || p + hi >= n_flat || (ch > 0 && p - ch * net->plane + window_lo < 0)
+            || (ch > 0 && p - net->plane + window_hi >= n_flat))
+            return 0;
+    }
+    for (Py_ssize_t w = 0, end = 0; w < lat->n_waves; w++) {
+        int64_t b = lat->steps[2 * w], e = lat->steps[2 * w + 1];
+        if (b != end || e <= b || e > n_pos || lat->chan[b] != lat->chan[e - 1]) return 0;
+        end = e;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(decode_doc,
+"decode(steps, pos, chan, sym, features, state, words, same_taps, window_taps, plane, w1_single, w1,\n"
+"       w1_row_max, bias1, w2_single, w2, w2_row_max, b2, w3, b3, inv_scale, exp_table, sigmoid, step_fx,\n"
+"       log_scale_min, radius, lanes) -> (wavefronts_done, words_read, status)\n\n"
+"Decode the wavefronts ``steps`` of a latent, writing symbols and network inputs into ``sym`` and\n"
+"``features`` (flat, padded) and advancing the lane states ``state`` in place. status: 0 done,\n"
+"1 stream truncated, 2 out-of-range symbol, 3 oversized escape; the failing wavefront is left\n"
+"unwritten. ctx2.py's _Decoding.decode_native says what each argument is.");
+
+static PyObject *decode(PyObject *self, PyObject *args) {
+    (void)self;
+    enum { STEPS, POS, CHAN, SYM, FEATURES, STATE, WORDS, SAME, WINDOW, W1S, W1, W1MAX, BIAS1, W2S, W2, W2MAX, B2, W3,
+           B3, INV, EXP, SIG, N_BUFFERS };
+    Py_buffer v[N_BUFFERS];
+    memset(v, 0, sizeof(v));
+    Py_ssize_t plane;
+    long long step_fx, log_scale_min, radius, lanes;
+    PyObject *result = NULL;
+    double *w3 = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*y*y*y*ny*y*y*y*y*y*y*y*y*y*y*y*y*LLLL", &v[STEPS], &v[POS],
+                          &v[CHAN], &v[SYM], &v[FEATURES], &v[STATE], &v[WORDS], &v[SAME], &v[WINDOW], &plane,
+                          &v[W1S], &v[W1], &v[W1MAX], &v[BIAS1], &v[W2S], &v[W2], &v[W2MAX], &v[B2], &v[W3], &v[B3], &v[INV], &v[EXP],
+                          &v[SIG], &step_fx, &log_scale_min, &radius, &lanes))
+        return NULL;
+    Net net = {0};
+    net.hidden = v[B2].len / (Py_ssize_t)sizeof(double);
+    net.mixtures = v[B3].len / (Py_ssize_t)sizeof(double) / 3;
+    net.n_same = v[SAME].len / (Py_ssize_t)sizeof(int64_t);
+    net.n_window = v[WINDOW].len / (Py_ssize_t)sizeof(int64_t);
+    net.n_inv = v[INV].len / (Py_ssize_t)sizeof(int64_t);
+    net.n_exp = v[EXP].len / (Py_ssize_t)sizeof(int64_t);
+    net.n_sig = v[SIG].len / (Py_ssize_t)sizeof(int64_t);
+    net.step_fx = step_fx;
+    net.log_scale_min = log_scale_min;
+    net.radius = radius;
+    net.lanes = lanes;
+    net.plane = plane;
+    Py_ssize_t hidden = net.hidden, n_pos = v[POS].len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t n_flat = v[SYM].len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t n_inputs = net.n_same + 3 * net.n_window;
+    if (!(sized(&v[CHAN], n_pos, sizeof(int64_t), "chan") && sized(&v[FEATURES], n_flat, sizeof(double), "features")
+          && sized(&v[STATE], lanes, sizeof(uint32_t), "state")
+          && sized(&v[W1S], n_inputs * hidden, sizeof(float), "w1_single")
+          && sized(&v[W1], n_inputs * hidden, sizeof(double), "w1")
+          && sized(&v[W1MAX], n_inputs, sizeof(double), "w1_row_max")
+          && sized(&v[BIAS1], 4 * hidden, sizeof(double), "bias1")
+          && sized(&v[W2S], hidden * hidden, sizeof(float), "w2_single")
+          && sized(&v[W2], hidden * hidden, sizeof(double), "w2")
+          && sized(&v[W2MAX], hidden, sizeof(double), "w2_row_max")
+          && sized(&v[W3], hidden * 3 * net.mixtures, sizeof(double), "w3")))
+        goto release;
+    net.same_taps = v[SAME].buf;
+    net.window_taps = v[WINDOW].buf;
+    Latent lat = {v[STEPS].buf, v[POS].buf, v[CHAN].buf, v[STEPS].len / (2 * (Py_ssize_t)sizeof(int64_t)), 0,
+                  v[SYM].buf, v[FEATURES].buf};
+    if (hidden < BLOCK || hidden % BLOCK || hidden > INT32_MAX || net.mixtures < 1
+        || 3 * net.mixtures > OUT_PAD || radius < 1 || radius > 64 || lanes < 1 || lanes > MAX_LANES
+        || net.n_inv < 1 || net.n_exp < 1 || net.n_sig < 1 || step_fx <= 0 || plane < 0
+        || !checked_layout(&net, &lat, n_pos, n_flat)) {
+        PyErr_SetString(PyExc_ValueError, "ctx2 native decoder: bad arguments");
+        goto release;
+    }
+    w3 = calloc((size_t)(hidden * OUT_PAD), sizeof(double));
+    if (!w3) {
+        PyErr_NoMemory();
+        goto release;
+    }
+    const double *w3_rows = v[W3].buf;
+    for (Py_ssize_t k = 0; k < hidden; k++)
+        for (Py_ssize_t t = 0; t < 3 * net.mixtures; t++) w3[k * OUT_PAD + t] = w3_rows[k * 3 * net.mixtures + t];
+    net.w3 = w3;
+    net.w1_single = v[W1S].buf;
+    net.w1 = v[W1].buf;
+    net.w1_row_max = v[W1MAX].buf;
+    net.bias1 = v[BIAS1].buf;
+    net.w2_single = v[W2S].buf;
+    net.w2 = v[W2].buf;
+    net.w2_row_max = v[W2MAX].buf;
+    net.b2 = v[B2].buf;
+    net.b3 = v[B3].buf;
+    net.inv_scale = v[INV].buf;
+    net.exp_table = v[EXP].buf;
+    net.sigmoid = v[SIG].buf;
+    Stream stream = {v[STATE].buf, v[WORDS].buf, v[WORDS].len / 2, 0};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = decode_latent(&net, &lat, &stream);
+    Py_END_ALLOW_THREADS
+    if (status == NO_MEMORY) {
+        PyErr_NoMemory();
+        goto release;
+    }
+    result = Py_BuildValue("nni", lat.wave, stream.pos, status);
+release:
+    free(w3);
+    for (int i = 0; i < N_BUFFERS; i++)
+        if (v[i].obj) PyBuffer_Release(&v[i]);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"decode", decode, METH_VARARGS, decode_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_ctx2_native",
+    .m_doc = "The ctx2 decoder in C (the same integers as ctx2.py).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__ctx2_native(void) { return PyModule_Create(&module); }
