@@ -8,11 +8,12 @@
  *
  * Exactness (FORMAT.md "ctx2"): every value is an integer, or an integer times 2**-10 held in a
  * double or float. Doubles hold every such value the network can reach (ctx2.py checks the bound
- * when the weights load); the second layer runs in float only for rows whose bound (inputs times
- * the largest weight of each row, summed) stays below 2**24 units, where every product and partial
- * sum is exact in any order. So the result does not depend on the compiler, the vector width,
- * the summation order or FMA contraction. Signed shifts and divisions round toward minus infinity,
- * as numpy's do.
+ * when the weights load). The hidden layers multiply in float, over runs of inputs whose bounds
+ * (|input| times the largest |weight| of its row) sum below 2**24 units, so that every product and
+ * partial sum of a run is exact in any order, and add the runs up in double; a row with one input
+ * too large for float runs in double. So the result does not depend on the compiler, the vector
+ * width, the summation order or FMA contraction. Signed shifts and divisions round toward minus
+ * infinity, as numpy's do.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,7 +41,7 @@
 #define SINGLE_EXACT (16777216.0 / 1024.0) /* 2**24 units of 2**-10 */
 #define MAX_MIXTURES 16
 #define MAX_LANES 128
-#define BLOCK 64 /* columns of a hidden layer computed together, in registers, for every row of a wavefront */
+#define BLOCK 32 /* columns of a hidden layer computed together, in registers, for every row of a wavefront */
 #define OUT_PAD 16 /* the output layer's columns, padded */
 
 #if defined(_MSC_VER)
@@ -50,17 +51,19 @@
 enum { DONE = 0, TRUNCATED = 1, OUT_OF_RANGE = 2, OVERSIZED_ESCAPE = 3, NO_MEMORY = -1 };
 
 #if defined(__GNUC__)
-/* GCC and Clang vector types: accumulators that stay in registers, whatever the vector width */
+/* GCC and Clang vector types of 32 bytes (one AVX register, two SSE ones): accumulators that stay in
+ * registers whatever the vector width the compiler targets */
 #define VECTORS 1
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef double f64x8 __attribute__((vector_size(64)));
-static inline f32x16 load32(const float *p) {
-    f32x16 v;
+#define LANES 8 /* floats per vector */
+typedef float floats __attribute__((vector_size(32)));
+typedef double doubles __attribute__((vector_size(32)));
+static inline floats load_floats(const float *p) {
+    floats v;
     memcpy(&v, p, sizeof v);
     return v;
 }
-static inline f64x8 load64(const double *p) {
-    f64x8 v;
+static inline doubles load_doubles(const double *p) {
+    doubles v;
     memcpy(&v, p, sizeof v);
     return v;
 }
@@ -88,7 +91,7 @@ typedef struct {
     Py_ssize_t hidden, mixtures, n_same, n_window, n_inv, n_exp, n_sig;
     int64_t step_fx, log_scale_min, radius, lanes, plane;
     const int64_t *same_taps, *window_taps; /* flat offsets: own-channel taps, one earlier channel's window */
-    const float *w1_single, *w2_single;     /* the two hidden layers' weights as floats, for exact rows */
+    const float *w1_single, *w2_single;     /* the two hidden layers' weights as floats, for the float runs */
     const double *w1, *w1_row_max, *bias1;  /* (n_same + 3 n_window) x hidden, its rows' max |w|, channels x hidden */
     const double *w2, *w2_row_max, *b2;     /* hidden x hidden, its rows' max |w|, hidden */
     double *w3;                             /* hidden x OUT_PAD, padded with zeros */
@@ -108,42 +111,43 @@ typedef struct {
     Py_ssize_t stride;   /* entries reserved per row */
 } Sparse;
 
-/* Builds one row of a Sparse from candidate inputs, dropping zeros without branching on them */
-typedef struct {
-    Sparse *s;
-    Py_ssize_t r, count, runs;
-    double run;
-    int wide;
-} RowBuilder;
-
 /* How many inputs row r keeps */
-static inline Py_ssize_t entries(const Sparse *s, Py_ssize_t r) { return s->run_end[r * (s->stride + 1) + s->runs[r] - 1]; }
-
-static inline RowBuilder row_builder(Sparse *s, Py_ssize_t r) {
-    RowBuilder b = {s, r, 0, 0, 0.0, 0};
-    return b;
+static inline Py_ssize_t entries(const Sparse *s, Py_ssize_t r) {
+    return s->run_end[r * (s->stride + 1) + s->runs[r] - 1];
 }
 
-static inline void keep(RowBuilder *b, int32_t row, float x, const double *row_max) {
-    Sparse *s = b->s;
-    Py_ssize_t e = b->r * s->stride + b->count;
-    double bound = fabs((double)x) * row_max[row];
-    s->index[e] = row;
-    s->value[e] = x;
-    if (b->run + bound >= SINGLE_EXACT) {
-        s->run_end[b->r * (s->stride + 1) + b->runs++] = b->count;
-        b->run = 0.0;
+/* Row r of `s` from the n candidate inputs x[k], which go with weight rows row_of[k] (k where row_of
+ * is NULL): zeros dropped (without a branch per input), then cut into runs where their bounds need it */
+static void fill_row(Sparse *s, Py_ssize_t r, const float *x, const int32_t *row_of, Py_ssize_t n,
+                     const double *row_max) {
+    int32_t *index = s->index + r * s->stride;
+    float *value = s->value + r * s->stride;
+    Py_ssize_t *run_end = s->run_end + r * (s->stride + 1), count = 0, runs = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        index[count] = row_of ? row_of[k] : (int32_t)k;
+        value[count] = x[k];
+        count += x[k] != 0.0f;
     }
-    b->run += bound;
-    b->wide |= bound >= SINGLE_EXACT;
-    b->count += x != 0.0f;
-}
-
-static inline void finish_row(RowBuilder *b) {
-    Sparse *s = b->s;
-    s->run_end[b->r * (s->stride + 1) + b->runs++] = b->count;
-    s->runs[b->r] = b->runs;
-    s->wide[b->r] = (unsigned char)b->wide;
+    double total[4] = {0.0, 0.0, 0.0, 0.0}, largest = 0.0; /* exact in any order: integers times 2**-10 */
+    for (Py_ssize_t t = 0; t < count; t++) {
+        double bound = fabs((double)value[t]) * row_max[index[t]];
+        total[t & 3] += bound;
+        largest = bound > largest ? bound : largest;
+    }
+    if (total[0] + total[1] + total[2] + total[3] >= SINGLE_EXACT) {
+        double run = 0.0;
+        for (Py_ssize_t t = 0; t < count; t++) {
+            double bound = fabs((double)value[t]) * row_max[index[t]];
+            if (run + bound >= SINGLE_EXACT && t > 0) {
+                run_end[runs++] = t;
+                run = 0.0;
+            }
+            run += bound;
+        }
+    }
+    run_end[runs++] = count;
+    s->runs[r] = runs;
+    s->wide[r] = largest >= SINGLE_EXACT;
 }
 
 typedef struct {
@@ -168,22 +172,22 @@ VECTOR_CLONES static void product_single(Py_ssize_t rows, Py_ssize_t hidden, con
                 float part[BLOCK];
 #if VECTORS
                 /* two sets of accumulators, even and odd inputs, to keep both FMA pipes busy */
-                f32x16 a[BLOCK / 16] = {{0}}, b[BLOCK / 16] = {{0}};
+                floats a[BLOCK / LANES] = {{0}}, b[BLOCK / LANES] = {{0}};
                 for (; t + 1 < run_end[k]; t += 2) {
                     const float *row = w + (Py_ssize_t)index[t] * hidden + jb;
                     const float *next = w + (Py_ssize_t)index[t + 1] * hidden + jb;
-                    for (int v = 0; v < BLOCK / 16; v++) {
-                        a[v] += value[t] * load32(row + 16 * v);
-                        b[v] += value[t + 1] * load32(next + 16 * v);
+                    for (int v = 0; v < BLOCK / LANES; v++) {
+                        a[v] += value[t] * load_floats(row + LANES * v);
+                        b[v] += value[t + 1] * load_floats(next + LANES * v);
                     }
                 }
                 for (; t < run_end[k]; t++) {
                     const float *row = w + (Py_ssize_t)index[t] * hidden + jb;
-                    for (int v = 0; v < BLOCK / 16; v++) a[v] += value[t] * load32(row + 16 * v);
+                    for (int v = 0; v < BLOCK / LANES; v++) a[v] += value[t] * load_floats(row + LANES * v);
                 }
-                for (int v = 0; v < BLOCK / 16; v++) {
+                for (int v = 0; v < BLOCK / LANES; v++) {
                     a[v] += b[v];
-                    memcpy(part + 16 * v, &a[v], sizeof a[v]);
+                    memcpy(part + LANES * v, &a[v], sizeof a[v]);
                 }
 #else
                 for (int j = 0; j < BLOCK; j++) part[j] = 0.0f;
@@ -224,26 +228,17 @@ VECTOR_CLONES static void output_layer(const double *restrict w3, const Sparse *
     const int32_t *restrict index = act->index + r * act->stride;
     const float *restrict value = act->value + r * act->stride;
 #if VECTORS
-    f64x8 a0 = {0}, a1 = {0};
+    doubles a[OUT_PAD / 4] = {{0}};
     for (Py_ssize_t k = 0; k < entries(act, r); k++) {
         const double *row = w3 + (Py_ssize_t)index[k] * OUT_PAD;
-        a0 += (double)value[k] * load64(row);
-        a1 += (double)value[k] * load64(row + 8);
+        for (int v = 0; v < OUT_PAD / 4; v++) a[v] += (double)value[k] * load_doubles(row + 4 * v);
     }
-    memcpy(out, &a0, sizeof a0);
-    memcpy(out + 8, &a1, sizeof a1);
+    memcpy(out, a, sizeof a);
 #else
     for (int t = 0; t < OUT_PAD; t++) out[t] = 0.0;
     for (Py_ssize_t k = 0; k < entries(act, r); k++)
         for (int t = 0; t < OUT_PAD; t++) out[t] += value[k] * w3[(Py_ssize_t)index[k] * OUT_PAD + t];
 #endif
-}
-
-/* Row r of `act`: the nonzero activations of `h` */
-static void gather_activations(const float *h, Py_ssize_t hidden, const double *row_max, Sparse *act, Py_ssize_t r) {
-    RowBuilder b = row_builder(act, r);
-    for (Py_ssize_t k = 0; k < hidden; k++) keep(&b, (int32_t)k, h[k], row_max);
-    finish_row(&b);
 }
 
 /* Per symbol: K means, K inverse scales, K weights; returns the window centre */
@@ -398,17 +393,22 @@ typedef struct {
 
 /* Row r of `in`: the nonzero network inputs of the symbol at `pos` of channel `ch`, own-channel taps
  * first, then the windows of the earlier channels */
-static void gather_inputs(const Net *net, const double *features, int64_t pos, int64_t ch, Sparse *in, Py_ssize_t r) {
-    RowBuilder b = row_builder(in, r);
-    for (Py_ssize_t t = 0; t < net->n_same; t++)
-        keep(&b, (int32_t)t, (float)features[pos + net->same_taps[t]], net->w1_row_max);
+static void gather_inputs(const Net *net, const double *features, int64_t pos, int64_t ch, Sparse *in, Py_ssize_t r,
+                          float *x, int32_t *row_of) {
+    Py_ssize_t n = 0;
+    for (Py_ssize_t t = 0; t < net->n_same; t++, n++) {
+        x[n] = (float)features[pos + net->same_taps[t]];
+        row_of[n] = (int32_t)t;
+    }
     for (int64_t p = 0; p < ch; p++) {
         const double *window = features + pos + (p - ch) * net->plane;
         int32_t first = (int32_t)(net->n_same + p * net->n_window);
-        for (Py_ssize_t t = 0; t < net->n_window; t++)
-            keep(&b, first + (int32_t)t, (float)window[net->window_taps[t]], net->w1_row_max);
+        for (Py_ssize_t t = 0; t < net->n_window; t++, n++) {
+            x[n] = (float)window[net->window_taps[t]];
+            row_of[n] = first + (int32_t)t;
+        }
     }
-    finish_row(&b);
+    fill_row(in, r, x, row_of, n, net->w1_row_max);
 }
 
 /* h[r] = one hidden layer's activations for the rows of one wavefront, exact (see the top) */
@@ -446,25 +446,27 @@ static int decode_latent(const Net *net, Latent *lat, Stream *s) {
     Sparse act2 = sparse(widest, hidden);
     float *h = malloc((size_t)(widest * hidden) * sizeof(float));
     double *a = malloc((size_t)(widest * hidden) * sizeof(double));
+    float *x = malloc((size_t)in.stride * sizeof(float));
+    int32_t *row_of = malloc((size_t)in.stride * sizeof(int32_t));
     double out[OUT_PAD] = {0};
     int64_t *mix = malloc((size_t)(widest * k3) * sizeof(int64_t));
     int64_t *centre = malloc((size_t)widest * sizeof(int64_t)), *symbol = malloc((size_t)widest * sizeof(int64_t));
     int64_t *excess = malloc((size_t)widest * sizeof(int64_t));
     Py_ssize_t *escaped = malloc((size_t)widest * sizeof(Py_ssize_t));
-    if (!allocated(&in) || !allocated(&act) || !allocated(&act2) || !h || !a || !mix || !centre || !symbol
-        || !excess || !escaped)
+    if (!allocated(&in) || !allocated(&act) || !allocated(&act2) || !h || !a || !x || !row_of || !mix || !centre
+        || !symbol || !excess || !escaped)
         goto done;
     status = DONE;
     for (; lat->wave < lat->n_waves; lat->wave++) {
         Py_ssize_t begin = lat->steps[2 * lat->wave], n = lat->steps[2 * lat->wave + 1] - begin;
         const int64_t *pos = lat->pos + begin;
         int64_t ch = lat->chan[begin]; /* a wavefront lies inside one channel */
-        for (Py_ssize_t r = 0; r < n; r++) gather_inputs(net, lat->features, pos[r], ch, &in, r);
+        for (Py_ssize_t r = 0; r < n; r++) gather_inputs(net, lat->features, pos[r], ch, &in, r, x, row_of);
         hidden_layer(n, hidden, net->w1_single, net->w1, net->bias1 + ch * hidden, &in, a, h);
-        for (Py_ssize_t r = 0; r < n; r++) gather_activations(h + r * hidden, hidden, net->w2_row_max, &act, r);
+        for (Py_ssize_t r = 0; r < n; r++) fill_row(&act, r, h + r * hidden, NULL, hidden, net->w2_row_max);
         hidden_layer(n, hidden, net->w2_single, net->w2, net->b2, &act, a, h);
         for (Py_ssize_t r = 0; r < n; r++) {
-            gather_activations(h + r * hidden, hidden, net->w2_row_max, &act2, r);
+            fill_row(&act2, r, h + r * hidden, NULL, hidden, net->w2_row_max);
             output_layer(net->w3, &act2, r, out);
             centre[r] = mixture(net, out, mix + r * k3);
         }
@@ -486,7 +488,7 @@ done:
     release(&in);
     release(&act);
     release(&act2);
-    free(h); free(a); free(mix); free(centre); free(symbol); free(excess); free(escaped);
+    free(h); free(a); free(x); free(row_of); free(mix); free(centre); free(symbol); free(excess); free(escaped);
     return status;
 }
 
@@ -546,8 +548,8 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     double *w3 = NULL;
     if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*y*y*y*ny*y*y*y*y*y*y*y*y*y*y*y*y*LLLL", &v[STEPS], &v[POS],
                           &v[CHAN], &v[SYM], &v[FEATURES], &v[STATE], &v[WORDS], &v[SAME], &v[WINDOW], &plane,
-                          &v[W1S], &v[W1], &v[W1MAX], &v[BIAS1], &v[W2S], &v[W2], &v[W2MAX], &v[B2], &v[W3], &v[B3], &v[INV], &v[EXP],
-                          &v[SIG], &step_fx, &log_scale_min, &radius, &lanes))
+                          &v[W1S], &v[W1], &v[W1MAX], &v[BIAS1], &v[W2S], &v[W2], &v[W2MAX], &v[B2], &v[W3],
+                          &v[B3], &v[INV], &v[EXP], &v[SIG], &step_fx, &log_scale_min, &radius, &lanes))
         return NULL;
     Net net = {0};
     net.hidden = v[B2].len / (Py_ssize_t)sizeof(double);
