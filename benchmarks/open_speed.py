@@ -97,8 +97,13 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     rows = [
         _row(f"header parse (Image.open; {model}, {layout.header.quantizer}, coded {layout.header.coded[0]}x"
              f"{layout.header.coded[1]})", "decode", best_of(opened, repeats), best, len(data)),
-        _row(f"entropy decode ({layout.header.coder})", "decode",
+        _row(f"entropy decode ({layout.header.coder}{', C' if _has_native(layout) else ''})", "decode",
              best_of(lambda: read.read_symbols(layout, payload), repeats), best),
+    ]
+    if _has_native(layout):
+        rows.append(_row("entropy decode (ctx2, numpy loop: an install without a C compiler)", "decode",
+                         _numpy_ctx2_seconds(layout, payload, repeats), best))
+    rows += [
         _row("dequantize", "decode", best_of(lambda: read.dequantize(layout, symbols), repeats), best),
     ]
     if restore.has_restorer(model):
@@ -116,6 +121,24 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
         *whole_file_rows(photo, data, {}, repeats),
     ]
     return rows, data
+
+
+def _has_native(layout: Any) -> bool:
+    from pillow_sdlatent.core.coders import ctx2
+
+    return layout.header.coder == "ctx2" and ctx2.native is not None
+
+
+def _numpy_ctx2_seconds(layout: Any, payload: bytes, repeats: int) -> float:
+    """The ctx2 entropy decode with the C decoder switched off."""
+    from pillow_sdlatent.core import read
+    from pillow_sdlatent.core.coders import ctx2
+
+    native, ctx2.native = ctx2.native, None
+    try:
+        return best_of(lambda: read.read_symbols(layout, payload), repeats)
+    finally:
+        ctx2.native = native
 
 
 def sdl_bytes(photo: Image.Image, options: dict[str, Any]) -> bytes:
