@@ -1,6 +1,7 @@
 """int8 and float16 ONNX Runtime variants of the TAESD decoders and the restorer, against float32.
 
-    PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/decoder_variants.py [--held-out 8] [--kodak 8]
+    PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/decoder_variants.py [--held-out 8] [--kodak 8] \
+        [--sensitivity 8]
 
 The codec runs its networks in float32 through ONNX Runtime, where the TAESD decoder already reaches
 about the float32 ceiling; this measures whether cheaper arithmetic keeps the pictures. Each network
@@ -11,7 +12,12 @@ ONNX exporter as the codec does (``ort_engine``) and turned into:
 - ``int8-qdq`` and ``int8-qop``: ``onnxruntime.quantization.quantize_static``, QDQ and QOperator
   formats, uint8 activations, int8 per-channel weights, MinMax calibration on the inputs the network
   sees in real files (latents of 16 training photos outside the held-out split, centre-cropped to
-  384x256; never Kodak).
+  384x256; never Kodak);
+- for the ``taesd`` decoder also other int8 recipes (``TAESD_INT8``): Percentile and Entropy
+  calibration, 64 calibration photos, symmetric activations, 7-bit weights (``reduce_range``), and
+  parts of the graph left in float32 (the input's soft clamp and first Conv, the last Conv, the
+  1/8-resolution stage). With ``--sensitivity N``, each decoder layer is also quantized alone and
+  scored on N training photos outside the held-out split, for the noise it adds to float32's output.
 
 Speed: ms per 768x512 decode (the restorer: per 768x512 image's latent), best of ``--repeats``, every
 variant run back to back with float32 in each round so that machine load hits all alike. Quality:
@@ -23,7 +29,8 @@ centre-cropped to at most 768x512) and on Kodak. A variant qualifies when it is 
 the mean PSNR within 0.1 dB and the mean ST-LPIPS within 0.002 of float32 on both sets.
 
 Also the float32 decoder under ORT session options (optimization level, threads, spinning, arena).
-Writes docs/speed/variants.md, variants.csv and session_options.csv.
+Writes docs/speed/variants.md, variants.csv, session_options.csv and (``--sensitivity``)
+int8_sensitivity.csv.
 """
 
 from __future__ import annotations
@@ -144,24 +151,183 @@ def export(network: Network, dtype: torch.dtype) -> bytes:
 
 
 class _Calibration(quantization.CalibrationDataReader):
+    """The calibration feeds, handed to the calibrator one at a time (``CalibStridedMinMax`` = 1): the
+    histogram calibrators stack a batch's tensors, which fails for photos of different shapes, and one
+    at a time keeps memory bounded. MinMax ranges come out the same either way."""
+
     def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self._feeds = iter(feeds)
+        self._all = feeds
+        self.set_range(0, len(feeds))
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._feeds = iter(self._all[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
 
 
-def quantized(float_graph: bytes, feeds: list[dict[str, np.ndarray]], fmt: quantization.QuantFormat) -> bytes:
-    """Static int8: uint8 activations, per-channel int8 weights, MinMax ranges from ``feeds``."""
-    with tempfile.TemporaryDirectory() as folder:
-        source, prepared, target = (Path(folder) / name for name in ("f32.onnx", "pre.onnx", "int8.onnx"))
-        source.write_bytes(float_graph)
-        quantization.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        quantization.quantize_static(str(prepared), str(target), _Calibration(feeds), quant_format=fmt,
-                                     per_channel=True, activation_type=quantization.QuantType.QUInt8,
-                                     weight_type=quantization.QuantType.QInt8,
-                                     calibrate_method=quantization.CalibrationMethod.MinMax)
+@dataclass(frozen=True)
+class Int8:
+    """One static int8 recipe for ``quantize_static``: uint8 activations with per-tensor ranges from the
+    calibration photos, int8 per-channel weights."""
+
+    fmt: str = "QDQ"  # or "QOperator"
+    method: str = "MinMax"  # or "Percentile", "Entropy" (quantization.CalibrationMethod)
+    photos: int = CALIBRATION_PHOTOS
+    percentile: float | None = None
+    #: parts of the graph left in float32 (``float_nodes``): "first", "last", "stage1"
+    keep_float: tuple[str, ...] = ()
+    reduce_range: bool = False  # 7-bit weights
+    activation_symmetric: bool = False
+
+    @property
+    def calibration(self) -> tuple[str, int, float | None]:
+        return self.method, self.photos, self.percentile
+
+
+#: every network gets these
+BASE_INT8 = {"int8-qdq": Int8(), "int8-qop": Int8(fmt="QOperator")}
+#: the taesd decoder (the default model) also gets calibration methods, options and parts kept in float32
+TAESD_INT8 = {
+    **BASE_INT8,
+    "int8-minmax64": Int8(photos=64),
+    "int8-pct99.999": Int8(method="Percentile", percentile=99.999),
+    "int8-pct99.99": Int8(method="Percentile", percentile=99.99),
+    "int8-entropy": Int8(method="Entropy"),
+    "int8-act-symmetric": Int8(activation_symmetric=True),
+    "int8-7bit": Int8(reduce_range=True),
+    "int8-float-first": Int8(keep_float=("first",)),
+    "int8-float-first-last": Int8(keep_float=("first", "last")),
+    "int8-float-first-last-7bit": Int8(keep_float=("first", "last"), reduce_range=True),
+    "int8-float-first-last-minmax64": Int8(keep_float=("first", "last"), photos=64),
+    "int8-float-stage1-last": Int8(keep_float=("stage1", "last")),
+}
+
+
+#: what each variant is, for the tables
+DESCRIPTIONS = {
+    "float16": "the module cast to half before export",
+    "int8-qdq": "QDQ, MinMax ranges from 16 photos, every Conv/Add/Resize/Mul quantized",
+    "int8-qop": "as int8-qdq in QOperator form (QLinearConv, QLinearAdd)",
+    "int8-minmax64": "as int8-qdq, ranges from 64 photos",
+    "int8-pct99.999": "as int8-qdq, ranges at the 99.999th percentile of each tensor's histogram",
+    "int8-pct99.99": "as int8-qdq, 99.99th percentile",
+    "int8-entropy": "as int8-qdq, ranges minimizing the KL divergence of each histogram (Entropy)",
+    "int8-act-symmetric": "as int8-qdq, activation ranges symmetric about 0 (ActivationSymmetric)",
+    "int8-7bit": "as int8-qdq, 7-bit weights (reduce_range, for AVX2 CPUs without VNNI)",
+    "int8-float-first": "as int8-qdq, the input's soft clamp (Mul) and the first Conv in float32",
+    "int8-float-first-last": "as int8-float-first, the last Conv (64 -> 3 channels) in float32 too",
+    "int8-float-first-last-7bit": "as int8-float-first-last, 7-bit weights (reduce_range)",
+    "int8-float-first-last-minmax64": "as int8-float-first-last, ranges from 64 photos",
+    "int8-float-stage1-last": "as int8-qdq, the 1/8-resolution stage (layers 0-4) and the last Conv in float32",
+}
+
+
+def float_nodes(graph: bytes, parts: tuple[str, ...]) -> list[str]:
+    """Names of the nodes ``quantize_static`` should leave in float32: "first" is the input's soft clamp
+    (its Mul) and the first Conv, so the latent is not rounded to uint8; "stage1" every node before the
+    first Resize (the 1/8-resolution stage); "last" the last Conv (64 -> 3 channels, the pixels)."""
+    import onnx
+
+    nodes = list(onnx.load_from_string(graph).graph.node)
+    convs = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
+    names: list[str] = []
+    for part in parts:
+        if part == "first":
+            chosen: Any = range(convs[0] + 1)
+        elif part == "stage1":
+            chosen = range(next(i for i, node in enumerate(nodes) if node.op_type == "Resize"))
+        else:
+            chosen = [convs[-1]]
+        names += [nodes[i].name for i in chosen if nodes[i].name not in names]
+    return names
+
+
+class Calibrations:
+    """Calibration ranges computed once per (method, photos, percentile) and reused by every recipe
+    (``quantize_static``'s calibration cache), for one network."""
+
+    def __init__(self, network: Network, float_graph: bytes, folder: Path) -> None:
+        self.network, self.folder = network, folder
+        self.source, self.prepared = folder / "f32.onnx", folder / "pre.onnx"
+        self.source.write_bytes(float_graph)
+        quantization.quant_pre_process(str(self.source), str(self.prepared), skip_symbolic_shape=True)
+        self._feeds: dict[int, list[dict[str, np.ndarray]]] = {}
+
+    def feeds(self, count: int) -> list[dict[str, np.ndarray]]:
+        if count not in self._feeds:
+            calibration = photos(self.network, calibration_paths(count), CALIBRATION_SIZE)
+            self._feeds[count] = [self.network.feeds(p.latent, p.step, np.float32) for p in calibration]
+        return self._feeds[count]
+
+    def quantized(self, recipe: Int8, exclude: list[str] | None = None) -> bytes:
+        """The float graph quantized by ``recipe``, ``exclude`` (node names) overriding its float parts."""
+        method, count, percentile = recipe.calibration
+        cache = self.folder / f"ranges-{method}-{count}-{percentile}.json"
+        extra: dict[str, Any] = {"CalibStridedMinMax": 1, "ActivationSymmetric": recipe.activation_symmetric}
+        if percentile is not None:
+            extra["CalibPercentile"] = percentile
+        target = self.folder / "int8.onnx"
+        if exclude is None:
+            exclude = float_nodes(self.prepared.read_bytes(), recipe.keep_float)
+        quantization.quantize_static(
+            str(self.prepared), str(target), None if cache.exists() else _Calibration(self.feeds(count)),
+            quant_format=getattr(quantization.QuantFormat, recipe.fmt), per_channel=True,
+            reduce_range=recipe.reduce_range, activation_type=quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8, nodes_to_exclude=exclude,
+            calibrate_method=getattr(quantization.CalibrationMethod, method), extra_options=extra,
+            calibration_cache_path=str(cache))
         return target.read_bytes()
+
+
+def _layer(name: str) -> str:
+    """The decoder layer a node of the exported graph belongs to ("layers.6"), or "input" for the soft
+    clamp in front of them."""
+    import re
+
+    found = re.search(r"layers\.(\d+)/", name)
+    return f"layers.{found.group(1)}" if found else "input"
+
+
+def int8_sensitivity(calibrations: Calibrations, float_variant: Variant, network: Network,
+                     photo_set: list[Photo]) -> list[dict[str, Any]]:
+    """Each decoder layer quantized alone (int8-qdq's recipe, every other node in float32): the noise it
+    adds to float32's pixels (PSNR of the int8 output against float32's, over all photos) and the PSNR
+    it costs against the photos, beside the layer's share of the network's convolution MACs. The Resize
+    layers are left out: ``quantize_static`` quantizes a Resize only when its input already is."""
+    import onnx
+
+    graph = onnx.load_from_string(calibrations.prepared.read_bytes()).graph
+    shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+    quantizable = [node for node in graph.node if node.op_type in ("Conv", "Add", "Resize", "Mul")]
+    macs: dict[str, float] = {}
+    resizes = 0
+    for node in graph.node:
+        resizes += node.op_type == "Resize"
+        if node.op_type == "Conv":
+            macs[_layer(node.name)] = macs.get(_layer(node.name), 0.0) + 4.0**resizes * np.prod(shapes[node.input[1]])
+    references = [to_pixels(network, float_variant(p.latent, p.step), None, p.step) for p in photo_set]
+    rows = []
+    for layer in dict.fromkeys(_layer(node.name) for node in quantizable):
+        if layer != "input" and layer not in macs:
+            continue  # a Resize alone stays float: it is quantized only when its input is
+        mine = [node.name for node in quantizable if _layer(node.name) == layer]
+        variant = Variant(layer, network, calibrations.quantized(
+            Int8(), exclude=[node.name for node in quantizable if node.name not in mine]))
+        noise, d_psnr = [], []
+        for photo, reference in zip(photo_set, references, strict=True):
+            pixels = to_pixels(network, variant(photo.latent, photo.step), None, photo.step)
+            noise.append(np.mean((pixels.astype(np.float64) - reference) ** 2))
+            d_psnr.append(psnr(photo.rgb, pixels) - psnr(photo.rgb, reference))
+        rows.append({"network": network.name, "layer": layer, "nodes": len(mine),
+                     "mac_share": macs.get(layer, 0.0) / sum(macs.values()),
+                     "noise_psnr": float(10 * np.log10(255.0**2 / max(np.mean(noise), 1e-12))),
+                     "d_psnr": float(np.mean(d_psnr)), "worst_d_psnr": float(min(d_psnr))})
+        print(f"{network.name}: sensitivity {layer}: {rows[-1]['noise_psnr']:.1f} dB", file=sys.stderr)
+    return rows
 
 
 def session(graph: bytes, **settings: Any) -> onnxruntime.InferenceSession:
@@ -301,6 +467,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--networks", default="taesd,taesd3,restorer")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--sensitivity", type=int, default=0, metavar="N",
+                        help="also quantize each taesd decoder layer alone, scored on N training photos outside "
+                             "the held-out split")
     args = parser.parse_args()
     os.environ.setdefault(models.MODELS_ENV, str(REPO.parent / "shared" / "models" / "taesd"))
     kodak = sorted(KODAK.glob("*.png"))
@@ -309,19 +478,23 @@ def main() -> None:
     stlpips = STLPIPS()
     rows: list[dict[str, Any]] = []
     option_rows: list[dict[str, Any]] = []
+    sensitivity_rows: list[dict[str, Any]] = []
     wanted = args.networks.split(",")
     candidates = networks()
     taesd = candidates[0]
     float_decoder = Variant("float32", taesd, export(taesd, torch.float32)) if "restorer" in wanted else None
     for network in [n for n in candidates if n.name in wanted]:
         print(f"{network.name}: encoding photos", file=sys.stderr)
-        calibration = list(photos(network, calibration_paths(CALIBRATION_PHOTOS), CALIBRATION_SIZE))
-        feeds = [network.feeds(p.latent, p.step, np.float32) for p in calibration]
         graph = export(network, torch.float32)
         variants = [Variant("float32", network, graph), Variant("float16", network, export(network, torch.float16))]
-        for name, fmt in (("int8-qdq", quantization.QuantFormat.QDQ),
-                          ("int8-qop", quantization.QuantFormat.QOperator)):
-            variants.append(Variant(name, network, quantized(graph, feeds, fmt)))
+        with tempfile.TemporaryDirectory() as folder:
+            calibrations = Calibrations(network, graph, Path(folder))
+            for name, recipe in (TAESD_INT8 if network.name == "taesd" else BASE_INT8).items():
+                print(f"{network.name}: quantizing {name}", file=sys.stderr)
+                variants.append(Variant(name, network, calibrations.quantized(recipe)))
+            if network.name == "taesd" and args.sensitivity:
+                chosen = list(photos(network, calibration_paths(args.sensitivity)))
+                sensitivity_rows = int8_sensitivity(calibrations, variants[0], network, chosen)
         (timing,) = photos(network, [KODAK / "kodim23.png"])
         print(f"{network.name}: timing", file=sys.stderr)
         times = best_times({v.name: (lambda v=v, t=timing: v(t.latent, t.step)) for v in variants}, args.repeats)
@@ -337,7 +510,7 @@ def main() -> None:
         if network.name == "taesd":
             print(f"{network.name}: session options", file=sys.stderr)
             option_rows = session_option_rows(network, graph, timing.latent, args.repeats)
-        write(args, rows, option_rows)  # after each network, so that a long run keeps what it measured
+        write(args, rows, option_rows, sensitivity_rows)  # after each network: a long run keeps what it measured
 
 
 def qualifies(rows: list[dict[str, Any]], network: str, variant: str) -> bool:
@@ -347,16 +520,19 @@ def qualifies(rows: list[dict[str, Any]], network: str, variant: str) -> bool:
                for r in mine)
 
 
-def write(args: argparse.Namespace, rows: list[dict[str, Any]], option_rows: list[dict[str, Any]]) -> None:
+def write(args: argparse.Namespace, rows: list[dict[str, Any]], option_rows: list[dict[str, Any]],
+          sensitivity_rows: list[dict[str, Any]]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, table in (("variants.csv", rows), ("session_options.csv", option_rows)):
+    for name, table in (("variants.csv", rows), ("session_options.csv", option_rows),
+                        ("int8_sensitivity.csv", sensitivity_rows)):
         if table:
             with open(args.out / name, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(table[0]))
                 writer.writeheader()
                 writer.writerows(table)
     command = ("PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/decoder_variants.py "
-               f"--held-out {args.held_out} --kodak {args.kodak} --repeats {args.repeats} --networks {args.networks}")
+               f"--held-out {args.held_out} --kodak {args.kodak} --repeats {args.repeats} --networks {args.networks}"
+               + (f" --sensitivity {args.sensitivity}" if args.sensitivity else ""))
     lines = [
         "# Decoder variants: int8 and float16 against float32 (ONNX Runtime, CPU)", "",
         f"`{command}`", "",
@@ -367,6 +543,11 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], option_rows: lis
         "(negative dPSNR and positive dST-LPIPS are losses); `worst dPSNR` is the worst single photo; "
         "`max diff` the largest 8-bit pixel difference from float32's output. Rule: faster, and "
         f"dPSNR >= -{PSNR_TOLERANCE_DB} dB and dST-LPIPS <= {STLPIPS_TOLERANCE} on both sets.", "",
+        "Variants (int8: `onnxruntime.quantization.quantize_static`, uint8 activations with one range per "
+        "tensor, int8 weights with one scale per output channel, calibrated on the latents of training "
+        "photos outside the held-out split, centre-cropped to 384x256; never Kodak):", "",
+        *[f"- `{name}`: {text}" for name, text in DESCRIPTIONS.items() if any(r["variant"] == name for r in rows)],
+        "",
         "| network | variant | set | ms (768x512) | speed vs float32 | load1 | PSNR dB | dPSNR dB | worst dPSNR | "
         "ST-LPIPS | dST-LPIPS | max diff | qualifies |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -377,6 +558,23 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], option_rows: lis
                      f"{r['speedup']:.2f}x | {r['load1']:.1f} | {r['psnr']:.2f} | {r['d_psnr']:+.3f} | "
                      f"{r['worst_d_psnr']:+.3f} | {r['stlpips']:.4f} | {r['d_stlpips']:+.4f} | "
                      f"{r['max_diff']:.0f} | {verdict} |")
+    for network in dict.fromkeys(r["network"] for r in rows):
+        passed = {r["variant"]: r["ms"] for r in rows
+                  if r["network"] == network and r["variant"] != "float32" and qualifies(rows, network, r["variant"])}
+        best = min(passed, key=passed.__getitem__) if passed else None
+        lines += ["", f"Fastest qualifying variant of `{network}`: " + (f"`{best}`." if best else "none.")]
+    if sensitivity_rows:
+        lines += ["", "## int8 sensitivity per layer (taesd decoder)", "",
+                  f"Each layer quantized alone as in `int8-qdq` (every other node in float32), on "
+                  f"{args.sensitivity} training photos outside the held-out split (768x512, the codec's "
+                  "default quality): `noise PSNR` is the int8 output against float32's output (higher is "
+                  "less noise), `dPSNR` the change against the photos, `MACs` the layer's share of the "
+                  "network's convolution work. `input` is the soft clamp's Mul, whose output (the latent "
+                  "fed to the first Conv) is rounded to uint8.", "",
+                  "| layer | nodes | MACs | noise PSNR dB | dPSNR dB | worst dPSNR |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['layer']} | {r['nodes']} | {100 * r['mac_share']:.1f}% | {r['noise_psnr']:.1f} | "
+                  f"{r['d_psnr']:+.3f} | {r['worst_d_psnr']:+.3f} |" for r in sensitivity_rows]
     if option_rows:
         lines += ["", "## float32 session options (taesd decoder, 768x512)", "",
                   "| setting | ms | vs the codec's | load1 |", "| --- | ---: | ---: | ---: |"]
