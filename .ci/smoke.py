@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 import pillow_sdlatent
+from pillow_sdlatent.core.coders import ctx2
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
@@ -42,7 +43,8 @@ def main(path: str) -> None:
     assert "torch" not in sys.modules, "the light install imported torch"
     assert quality > 22, f"PSNR {quality:.2f} dB"
     print(f"light install: {len(buffer.getvalue())} bytes, {quality:.2f} dB, latent {latent.shape}, "
-          f"save {encoded - start:.2f} s, load {decoded - encoded:.2f} s, torch never imported")
+          f"save {encoded - start:.2f} s, load {decoded - encoded:.2f} s, ctx2 decoder in "
+          f"{'C' if ctx2.native else 'numpy (no C compiler)'}, torch never imported")
 
 
 if __name__ == "__main__":
