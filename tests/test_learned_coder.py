@@ -142,9 +142,10 @@ NATIVE = pytest.mark.skipif(ctx2.native is None, reason="the package was built w
 
 
 @NATIVE
-def test_native_decoder_gives_the_numpy_decoders_symbols() -> None:
-    """The C loop decodes every stream to the symbols the numpy loop gives: Kodak latents at a coarse
-    and a fine step, escapes at the ends of the 16-bit range, shapes of one row, one column, one symbol."""
+def test_native_network_gives_the_numpy_streams_and_symbols() -> None:
+    """With the network in C the encoder writes the bytes the numpy network writes, and the C loop
+    decodes them to the symbols the numpy loop gives: Kodak latents at a coarse and a fine step,
+    escapes at the ends of the 16-bit range, shapes of one row, one column, one symbol."""
     fixture = np.load(FIXTURE)
     rng = np.random.default_rng(1)
     cases = [fixture["kodim22_step0.6"][:, :32, :48], fixture["kodim04_step0.25"][:, :40, :24], sample_symbols(4),
@@ -153,6 +154,9 @@ def test_native_decoder_gives_the_numpy_decoders_symbols() -> None:
     for symbols in cases:
         symbols = symbols.astype(np.int32)
         params, payload = CODER.encode(symbols)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ctx2, "native", None)
+            assert CODER.encode(symbols) == (params, payload)
         native, numpy = _decode_both(params, payload, symbols.shape)
         np.testing.assert_array_equal(native, symbols)
         np.testing.assert_array_equal(numpy, symbols)

@@ -1,4 +1,5 @@
-/* The ctx2 decoder in C: the same integers as ctx2.py's numpy path, one call per latent.
+/* The ctx2 network and decoding loop in C: the same integers as ctx2.py's numpy path, one call per
+ * latent (the encoder, which knows every symbol, runs the same network on all of them in one call).
  *
  * Why: a 768x512 latent is 1,392 wavefronts of 8-24 symbols, decoded one after another; in numpy each
  * wavefront costs about 100 us of call overhead on top of its arithmetic. Here the whole loop runs
@@ -437,40 +438,69 @@ static void release(Sparse *s) {
     free(s->wide);
 }
 
-static int decode_latent(const Net *net, Latent *lat, Stream *s) {
-    Py_ssize_t hidden = net->hidden, widest = 1, k3 = 3 * net->mixtures;
-    for (Py_ssize_t w = 0; w < lat->n_waves; w++)
-        if (lat->steps[2 * w + 1] - lat->steps[2 * w] > widest) widest = lat->steps[2 * w + 1] - lat->steps[2 * w];
-    int status = NO_MEMORY;
-    Sparse in = sparse(widest, net->n_same + 3 * net->n_window), act = sparse(widest, hidden);
-    Sparse act2 = sparse(widest, hidden);
-    float *h = malloc((size_t)(widest * hidden) * sizeof(float));
-    double *a = malloc((size_t)(widest * hidden) * sizeof(double));
-    float *x = malloc((size_t)in.stride * sizeof(float));
-    int32_t *row_of = malloc((size_t)in.stride * sizeof(int32_t));
+/* Scratch space for the network on up to `rows` symbols at once */
+typedef struct {
+    Py_ssize_t rows;
+    Sparse in, act, act2;
+    float *h, *x;
+    double *a;
+    int32_t *row_of;
+    int64_t *mix, *centre; /* per row: 3K mixture parameters (means, inverse scales, weights), window centre */
+} Work;
+
+static int work(Work *w, const Net *net, Py_ssize_t rows) {
+    Py_ssize_t hidden = net->hidden, n_inputs = net->n_same + 3 * net->n_window;
+    w->rows = rows;
+    w->in = sparse(rows, n_inputs);
+    w->act = sparse(rows, hidden);
+    w->act2 = sparse(rows, hidden);
+    w->h = malloc((size_t)(rows * hidden) * sizeof(float));
+    w->x = malloc((size_t)n_inputs * sizeof(float));
+    w->a = malloc((size_t)(rows * hidden) * sizeof(double));
+    w->row_of = malloc((size_t)n_inputs * sizeof(int32_t));
+    w->mix = malloc((size_t)(rows * 3 * net->mixtures) * sizeof(int64_t));
+    w->centre = malloc((size_t)rows * sizeof(int64_t));
+    return allocated(&w->in) && allocated(&w->act) && allocated(&w->act2) && w->h && w->x && w->a && w->row_of
+           && w->mix && w->centre;
+}
+
+static void release_work(Work *w) {
+    release(&w->in);
+    release(&w->act);
+    release(&w->act2);
+    free(w->h); free(w->x); free(w->a); free(w->row_of); free(w->mix); free(w->centre);
+}
+
+/* The distributions of the n symbols at `pos` of channel `ch` (all of their inputs known) */
+static void network(const Net *net, Work *w, const double *features, const int64_t *pos, Py_ssize_t n, int64_t ch) {
+    Py_ssize_t hidden = net->hidden, k3 = 3 * net->mixtures;
     double out[OUT_PAD] = {0};
-    int64_t *mix = malloc((size_t)(widest * k3) * sizeof(int64_t));
-    int64_t *centre = malloc((size_t)widest * sizeof(int64_t)), *symbol = malloc((size_t)widest * sizeof(int64_t));
-    int64_t *excess = malloc((size_t)widest * sizeof(int64_t));
+    for (Py_ssize_t r = 0; r < n; r++) gather_inputs(net, features, pos[r], ch, &w->in, r, w->x, w->row_of);
+    hidden_layer(n, hidden, net->w1_single, net->w1, net->bias1 + ch * hidden, &w->in, w->a, w->h);
+    for (Py_ssize_t r = 0; r < n; r++) fill_row(&w->act, r, w->h + r * hidden, NULL, hidden, net->w2_row_max);
+    hidden_layer(n, hidden, net->w2_single, net->w2, net->b2, &w->act, w->a, w->h);
+    for (Py_ssize_t r = 0; r < n; r++) {
+        fill_row(&w->act2, r, w->h + r * hidden, NULL, hidden, net->w2_row_max);
+        output_layer(net->w3, &w->act2, r, out);
+        w->centre[r] = mixture(net, out, w->mix + r * k3);
+    }
+}
+
+static int decode_latent(const Net *net, Latent *lat, Stream *s) {
+    Py_ssize_t widest = 1;
+    for (Py_ssize_t i = 0; i < lat->n_waves; i++)
+        if (lat->steps[2 * i + 1] - lat->steps[2 * i] > widest) widest = lat->steps[2 * i + 1] - lat->steps[2 * i];
+    Work w;
+    int status = NO_MEMORY;
+    int64_t *symbol = malloc((size_t)widest * sizeof(int64_t)), *excess = malloc((size_t)widest * sizeof(int64_t));
     Py_ssize_t *escaped = malloc((size_t)widest * sizeof(Py_ssize_t));
-    if (!allocated(&in) || !allocated(&act) || !allocated(&act2) || !h || !a || !x || !row_of || !mix || !centre
-        || !symbol || !excess || !escaped)
-        goto done;
+    if (!work(&w, net, widest) || !symbol || !excess || !escaped) goto done;
     status = DONE;
     for (; lat->wave < lat->n_waves; lat->wave++) {
         Py_ssize_t begin = lat->steps[2 * lat->wave], n = lat->steps[2 * lat->wave + 1] - begin;
         const int64_t *pos = lat->pos + begin;
-        int64_t ch = lat->chan[begin]; /* a wavefront lies inside one channel */
-        for (Py_ssize_t r = 0; r < n; r++) gather_inputs(net, lat->features, pos[r], ch, &in, r, x, row_of);
-        hidden_layer(n, hidden, net->w1_single, net->w1, net->bias1 + ch * hidden, &in, a, h);
-        for (Py_ssize_t r = 0; r < n; r++) fill_row(&act, r, h + r * hidden, NULL, hidden, net->w2_row_max);
-        hidden_layer(n, hidden, net->w2_single, net->w2, net->b2, &act, a, h);
-        for (Py_ssize_t r = 0; r < n; r++) {
-            fill_row(&act2, r, h + r * hidden, NULL, hidden, net->w2_row_max);
-            output_layer(net->w3, &act2, r, out);
-            centre[r] = mixture(net, out, mix + r * k3);
-        }
-        status = read_wave(net, s, n, mix, centre, symbol, escaped, excess);
+        network(net, &w, lat->features, pos, n, lat->chan[begin]); /* a wavefront lies inside one channel */
+        status = read_wave(net, s, n, w.mix, w.centre, symbol, escaped, excess);
         if (status != DONE) goto done;
         for (Py_ssize_t r = 0; r < n; r++) {
             if (symbol[r] < -MAX_SYMBOL - 1 || symbol[r] > MAX_SYMBOL) {
@@ -485,10 +515,8 @@ static int decode_latent(const Net *net, Latent *lat, Stream *s) {
         }
     }
 done:
-    release(&in);
-    release(&act);
-    release(&act2);
-    free(h); free(a); free(x); free(row_of); free(mix); free(centre); free(symbol); free(excess); free(escaped);
+    release_work(&w);
+    free(symbol); free(excess); free(escaped);
     return status;
 }
 
@@ -501,7 +529,8 @@ static int sized(const Py_buffer *view, Py_ssize_t count, Py_ssize_t item, const
     return 1;
 }
 
-/* Every gather stays inside the flat arrays, and every wavefront inside the coding order */
+/* Every position and its gathers inside the flat arrays; with `lat->steps`, every wavefront inside the
+ * coding order and inside one channel */
 static int checked_layout(const Net *net, const Latent *lat, Py_ssize_t n_pos, Py_ssize_t n_flat) {
     int64_t lo = 0, hi = 0;
     for (Py_ssize_t t = 0; t < net->n_same; t++) {
@@ -519,7 +548,7 @@ static int checked_layout(const Net *net, const Latent *lat, Py_ssize_t n_pos, P
             || (ch > 0 && p - net->plane + window_hi >= n_flat))
             return 0;
     }
-    for (Py_ssize_t w = 0, end = 0; w < lat->n_waves; w++) {
+    for (Py_ssize_t w = 0, end = 0; lat->steps && w < lat->n_waves; w++) {
         int64_t b = lat->steps[2 * w], e = lat->steps[2 * w + 1];
         if (b != end || e <= b || e > n_pos || lat->chan[b] != lat->chan[e - 1]) return 0;
         end = e;
@@ -527,10 +556,87 @@ static int checked_layout(const Net *net, const Latent *lat, Py_ssize_t n_pos, P
     return 1;
 }
 
+/* The network's data for one image, from the tuple ctx2.py's _Model.native_net builds */
+typedef struct {
+    Py_buffer v[16];
+    double *w3; /* padded to OUT_PAD columns */
+} NetData;
+
+static void release_net(NetData *d) {
+    free(d->w3);
+    for (int i = 0; i < 16; i++)
+        if (d->v[i].obj) PyBuffer_Release(&d->v[i]);
+}
+
+static int parse_net(PyObject *tuple, Net *net, NetData *d) {
+    enum { SAME, WINDOW, W1S, W1, W1MAX, BIAS1, W2S, W2, W2MAX, B2, W3, B3, INV, EXP, SIG, N_BUFFERS };
+    Py_buffer *v = d->v;
+    Py_ssize_t plane;
+    long long step_fx, log_scale_min;
+    memset(d, 0, sizeof *d);
+    if (!PyTuple_Check(tuple)) {
+        PyErr_SetString(PyExc_TypeError, "ctx2 native decoder: net must be a tuple");
+        return 0;
+    }
+    if (!PyArg_ParseTuple(tuple, "y*y*ny*y*y*y*y*y*y*y*y*y*y*y*y*LL", &v[SAME], &v[WINDOW], &plane, &v[W1S],
+                          &v[W1], &v[W1MAX], &v[BIAS1], &v[W2S], &v[W2], &v[W2MAX], &v[B2], &v[W3], &v[B3],
+                          &v[INV], &v[EXP], &v[SIG], &step_fx, &log_scale_min))
+        return 0;
+    memset(net, 0, sizeof *net);
+    net->hidden = v[B2].len / (Py_ssize_t)sizeof(double);
+    net->mixtures = v[B3].len / (Py_ssize_t)sizeof(double) / 3;
+    net->n_same = v[SAME].len / (Py_ssize_t)sizeof(int64_t);
+    net->n_window = v[WINDOW].len / (Py_ssize_t)sizeof(int64_t);
+    net->n_inv = v[INV].len / (Py_ssize_t)sizeof(int64_t);
+    net->n_exp = v[EXP].len / (Py_ssize_t)sizeof(int64_t);
+    net->n_sig = v[SIG].len / (Py_ssize_t)sizeof(int64_t);
+    net->step_fx = step_fx;
+    net->log_scale_min = log_scale_min;
+    net->plane = plane;
+    Py_ssize_t hidden = net->hidden, n_inputs = net->n_same + 3 * net->n_window;
+    if (!(sized(&v[W1S], n_inputs * hidden, sizeof(float), "w1_single")
+          && sized(&v[W1], n_inputs * hidden, sizeof(double), "w1")
+          && sized(&v[W1MAX], n_inputs, sizeof(double), "w1_row_max")
+          && sized(&v[BIAS1], 4 * hidden, sizeof(double), "bias1")
+          && sized(&v[W2S], hidden * hidden, sizeof(float), "w2_single")
+          && sized(&v[W2], hidden * hidden, sizeof(double), "w2")
+          && sized(&v[W2MAX], hidden, sizeof(double), "w2_row_max")
+          && sized(&v[W3], hidden * 3 * net->mixtures, sizeof(double), "w3")))
+        return 0;
+    if (hidden < BLOCK || hidden % BLOCK || hidden > INT32_MAX || net->mixtures < 1 || 3 * net->mixtures > OUT_PAD
+        || net->n_inv < 1 || net->n_exp < 1 || net->n_sig < 1 || step_fx <= 0 || plane < 0) {
+        PyErr_SetString(PyExc_ValueError, "ctx2 native decoder: bad network");
+        return 0;
+    }
+    d->w3 = calloc((size_t)(hidden * OUT_PAD), sizeof(double));
+    if (!d->w3) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    const double *w3_rows = v[W3].buf;
+    for (Py_ssize_t k = 0; k < hidden; k++)
+        for (Py_ssize_t t = 0; t < 3 * net->mixtures; t++) d->w3[k * OUT_PAD + t] = w3_rows[k * 3 * net->mixtures + t];
+    net->w3 = d->w3;
+    net->same_taps = v[SAME].buf;
+    net->window_taps = v[WINDOW].buf;
+    net->w1_single = v[W1S].buf;
+    net->w1 = v[W1].buf;
+    net->w1_row_max = v[W1MAX].buf;
+    net->bias1 = v[BIAS1].buf;
+    net->w2_single = v[W2S].buf;
+    net->w2 = v[W2].buf;
+    net->w2_row_max = v[W2MAX].buf;
+    net->b2 = v[B2].buf;
+    net->b3 = v[B3].buf;
+    net->inv_scale = v[INV].buf;
+    net->exp_table = v[EXP].buf;
+    net->sigmoid = v[SIG].buf;
+    return 1;
+}
+
 PyDoc_STRVAR(decode_doc,
-"decode(steps, pos, chan, sym, features, state, words, same_taps, window_taps, plane, w1_single, w1,\n"
-"       w1_row_max, bias1, w2_single, w2, w2_row_max, b2, w3, b3, inv_scale, exp_table, sigmoid, step_fx,\n"
-"       log_scale_min, radius, lanes) -> (wavefronts_done, words_read, status)\n\n"
+"decode(steps, pos, chan, sym, features, state, words, net, radius, lanes)\n"
+"    -> (wavefronts_done, words_read, status)\n\n"
 "Decode the wavefronts ``steps`` of a latent, writing symbols and network inputs into ``sym`` and\n"
 "``features`` (flat, padded) and advancing the lane states ``state`` in place. status: 0 done,\n"
 "1 stream truncated, 2 out-of-range symbol, 3 oversized escape; the failing wavefront is left\n"
@@ -538,78 +644,30 @@ PyDoc_STRVAR(decode_doc,
 
 static PyObject *decode(PyObject *self, PyObject *args) {
     (void)self;
-    enum { STEPS, POS, CHAN, SYM, FEATURES, STATE, WORDS, SAME, WINDOW, W1S, W1, W1MAX, BIAS1, W2S, W2, W2MAX, B2, W3,
-           B3, INV, EXP, SIG, N_BUFFERS };
+    enum { STEPS, POS, CHAN, SYM, FEATURES, STATE, WORDS, N_BUFFERS };
     Py_buffer v[N_BUFFERS];
     memset(v, 0, sizeof(v));
-    Py_ssize_t plane;
-    long long step_fx, log_scale_min, radius, lanes;
-    PyObject *result = NULL;
-    double *w3 = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*y*y*y*ny*y*y*y*y*y*y*y*y*y*y*y*y*LLLL", &v[STEPS], &v[POS],
-                          &v[CHAN], &v[SYM], &v[FEATURES], &v[STATE], &v[WORDS], &v[SAME], &v[WINDOW], &plane,
-                          &v[W1S], &v[W1], &v[W1MAX], &v[BIAS1], &v[W2S], &v[W2], &v[W2MAX], &v[B2], &v[W3],
-                          &v[B3], &v[INV], &v[EXP], &v[SIG], &step_fx, &log_scale_min, &radius, &lanes))
+    PyObject *net_tuple, *result = NULL;
+    long long radius, lanes;
+    Net net;
+    NetData data;
+    memset(&data, 0, sizeof data);
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*y*OLL", &v[STEPS], &v[POS], &v[CHAN], &v[SYM], &v[FEATURES],
+                          &v[STATE], &v[WORDS], &net_tuple, &radius, &lanes))
         return NULL;
-    Net net = {0};
-    net.hidden = v[B2].len / (Py_ssize_t)sizeof(double);
-    net.mixtures = v[B3].len / (Py_ssize_t)sizeof(double) / 3;
-    net.n_same = v[SAME].len / (Py_ssize_t)sizeof(int64_t);
-    net.n_window = v[WINDOW].len / (Py_ssize_t)sizeof(int64_t);
-    net.n_inv = v[INV].len / (Py_ssize_t)sizeof(int64_t);
-    net.n_exp = v[EXP].len / (Py_ssize_t)sizeof(int64_t);
-    net.n_sig = v[SIG].len / (Py_ssize_t)sizeof(int64_t);
-    net.step_fx = step_fx;
-    net.log_scale_min = log_scale_min;
+    if (!parse_net(net_tuple, &net, &data)) goto release;
     net.radius = radius;
     net.lanes = lanes;
-    net.plane = plane;
-    Py_ssize_t hidden = net.hidden, n_pos = v[POS].len / (Py_ssize_t)sizeof(int64_t);
-    Py_ssize_t n_flat = v[SYM].len / (Py_ssize_t)sizeof(int64_t);
-    Py_ssize_t n_inputs = net.n_same + 3 * net.n_window;
+    Py_ssize_t n_pos = v[POS].len / (Py_ssize_t)sizeof(int64_t), n_flat = v[SYM].len / (Py_ssize_t)sizeof(int64_t);
     if (!(sized(&v[CHAN], n_pos, sizeof(int64_t), "chan") && sized(&v[FEATURES], n_flat, sizeof(double), "features")
-          && sized(&v[STATE], lanes, sizeof(uint32_t), "state")
-          && sized(&v[W1S], n_inputs * hidden, sizeof(float), "w1_single")
-          && sized(&v[W1], n_inputs * hidden, sizeof(double), "w1")
-          && sized(&v[W1MAX], n_inputs, sizeof(double), "w1_row_max")
-          && sized(&v[BIAS1], 4 * hidden, sizeof(double), "bias1")
-          && sized(&v[W2S], hidden * hidden, sizeof(float), "w2_single")
-          && sized(&v[W2], hidden * hidden, sizeof(double), "w2")
-          && sized(&v[W2MAX], hidden, sizeof(double), "w2_row_max")
-          && sized(&v[W3], hidden * 3 * net.mixtures, sizeof(double), "w3")))
+          && sized(&v[STATE], lanes, sizeof(uint32_t), "state")))
         goto release;
-    net.same_taps = v[SAME].buf;
-    net.window_taps = v[WINDOW].buf;
     Latent lat = {v[STEPS].buf, v[POS].buf, v[CHAN].buf, v[STEPS].len / (2 * (Py_ssize_t)sizeof(int64_t)), 0,
                   v[SYM].buf, v[FEATURES].buf};
-    if (hidden < BLOCK || hidden % BLOCK || hidden > INT32_MAX || net.mixtures < 1
-        || 3 * net.mixtures > OUT_PAD || radius < 1 || radius > 64 || lanes < 1 || lanes > MAX_LANES
-        || net.n_inv < 1 || net.n_exp < 1 || net.n_sig < 1 || step_fx <= 0 || plane < 0
-        || !checked_layout(&net, &lat, n_pos, n_flat)) {
+    if (radius < 1 || radius > 64 || lanes < 1 || lanes > MAX_LANES || !checked_layout(&net, &lat, n_pos, n_flat)) {
         PyErr_SetString(PyExc_ValueError, "ctx2 native decoder: bad arguments");
         goto release;
     }
-    w3 = calloc((size_t)(hidden * OUT_PAD), sizeof(double));
-    if (!w3) {
-        PyErr_NoMemory();
-        goto release;
-    }
-    const double *w3_rows = v[W3].buf;
-    for (Py_ssize_t k = 0; k < hidden; k++)
-        for (Py_ssize_t t = 0; t < 3 * net.mixtures; t++) w3[k * OUT_PAD + t] = w3_rows[k * 3 * net.mixtures + t];
-    net.w3 = w3;
-    net.w1_single = v[W1S].buf;
-    net.w1 = v[W1].buf;
-    net.w1_row_max = v[W1MAX].buf;
-    net.bias1 = v[BIAS1].buf;
-    net.w2_single = v[W2S].buf;
-    net.w2 = v[W2].buf;
-    net.w2_row_max = v[W2MAX].buf;
-    net.b2 = v[B2].buf;
-    net.b3 = v[B3].buf;
-    net.inv_scale = v[INV].buf;
-    net.exp_table = v[EXP].buf;
-    net.sigmoid = v[SIG].buf;
     Stream stream = {v[STATE].buf, v[WORDS].buf, v[WORDS].len / 2, 0};
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -621,7 +679,74 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     }
     result = Py_BuildValue("nni", lat.wave, stream.pos, status);
 release:
-    free(w3);
+    release_net(&data);
+    for (int i = 0; i < N_BUFFERS; i++)
+        if (v[i].obj) PyBuffer_Release(&v[i]);
+    return result;
+}
+
+#define MIXTURE_BLOCK 64 /* symbols the encoder's network runs on at once */
+
+PyDoc_STRVAR(mixtures_doc,
+"mixtures(pos, chan, features, net, mu, inv, weight, centre) -> None\n\n"
+"The distributions of the symbols at ``pos`` (channels ``chan``), all of whose inputs ``features``\n"
+"holds (the encoder's case), into the int64 arrays mu, inv, weight (N x K) and centre (N).");
+
+static PyObject *mixtures(PyObject *self, PyObject *args) {
+    (void)self;
+    enum { POS, CHAN, FEATURES, MU, INV, WEIGHT, CENTRE, N_BUFFERS };
+    Py_buffer v[N_BUFFERS];
+    memset(v, 0, sizeof(v));
+    PyObject *net_tuple, *result = NULL;
+    Net net;
+    NetData data;
+    memset(&data, 0, sizeof data);
+    if (!PyArg_ParseTuple(args, "y*y*y*Ow*w*w*w*", &v[POS], &v[CHAN], &v[FEATURES], &net_tuple, &v[MU], &v[INV],
+                          &v[WEIGHT], &v[CENTRE]))
+        return NULL;
+    if (!parse_net(net_tuple, &net, &data)) goto release;
+    Py_ssize_t n = v[POS].len / (Py_ssize_t)sizeof(int64_t), K = net.mixtures;
+    Py_ssize_t n_flat = v[FEATURES].len / (Py_ssize_t)sizeof(double);
+    if (!(sized(&v[CHAN], n, sizeof(int64_t), "chan") && sized(&v[MU], n * K, sizeof(int64_t), "mu")
+          && sized(&v[INV], n * K, sizeof(int64_t), "inv") && sized(&v[WEIGHT], n * K, sizeof(int64_t), "weight")
+          && sized(&v[CENTRE], n, sizeof(int64_t), "centre")))
+        goto release;
+    Latent lat = {NULL, v[POS].buf, v[CHAN].buf, 0, 0, NULL, NULL};
+    if (!checked_layout(&net, &lat, n, n_flat)) {
+        PyErr_SetString(PyExc_ValueError, "ctx2 native decoder: a position lies outside the latent");
+        goto release;
+    }
+    Work w;
+    int ok;
+    const int64_t *pos = v[POS].buf, *chan = v[CHAN].buf;
+    const double *features = v[FEATURES].buf;
+    int64_t *mu = v[MU].buf, *inv = v[INV].buf, *weight = v[WEIGHT].buf, *centre = v[CENTRE].buf;
+    Py_BEGIN_ALLOW_THREADS
+    ok = work(&w, &net, MIXTURE_BLOCK);
+    for (Py_ssize_t begin = 0; ok && begin < n;) {
+        Py_ssize_t end = begin + 1; /* a block of one channel */
+        while (end < n && end - begin < MIXTURE_BLOCK && chan[end] == chan[begin]) end++;
+        network(&net, &w, features, pos + begin, end - begin, chan[begin]);
+        for (Py_ssize_t r = 0; r < end - begin; r++) {
+            for (Py_ssize_t m = 0; m < K; m++) {
+                mu[(begin + r) * K + m] = w.mix[r * 3 * K + m];
+                inv[(begin + r) * K + m] = w.mix[r * 3 * K + K + m];
+                weight[(begin + r) * K + m] = w.mix[r * 3 * K + 2 * K + m];
+            }
+            centre[begin + r] = w.centre[r];
+        }
+        begin = end;
+    }
+    release_work(&w);
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        PyErr_NoMemory();
+        goto release;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+release:
+    release_net(&data);
     for (int i = 0; i < N_BUFFERS; i++)
         if (v[i].obj) PyBuffer_Release(&v[i]);
     return result;
@@ -629,13 +754,14 @@ release:
 
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, decode_doc},
+    {"mixtures", mixtures, METH_VARARGS, mixtures_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_ctx2_native",
-    .m_doc = "The ctx2 decoder in C (the same integers as ctx2.py).",
+    .m_doc = "The ctx2 network and decoder in C (the same integers as ctx2.py).",
     .m_size = -1,
     .m_methods = methods,
 };

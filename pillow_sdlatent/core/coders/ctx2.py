@@ -16,13 +16,14 @@ Decoding runs channel by channel over wavefronts ``WAVE_SLOPE*y + x`` (``wavefro
 a symbol lies on an earlier wavefront, so each wavefront is one batched network evaluation plus
 interleaved rANS lanes. The earlier channels' share of the first layer is known before a channel
 starts, so it runs as one large product per channel (in blocks); per wavefront only the 24
-own-channel taps, the hidden layers and the probability tables remain. Those run in C
-(``_ctx2_native.c``, the same integers) where the package was built with a compiler, and in numpy
-otherwise.
+own-channel taps, the hidden layers and the probability tables remain. Where the package was built
+with a compiler, the whole decoding loop, and the encoder's network, run in C instead
+(``_ctx2_native.c``): the same integers, and the tests hold the two to the same bytes and symbols.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -293,9 +294,24 @@ class _Model:
 
     def mixture(self, feat: np.ndarray, pos: np.ndarray, ch: int) -> _Mixture:
         """The distributions at ``pos`` of channel ``ch`` from the network inputs ``feat`` (see _features)."""
+        if native is not None:
+            k = self.net.mixtures
+            mu, inv, weight = (np.empty((len(pos), k), dtype=np.int64) for _ in range(3))
+            centre = np.empty(len(pos), dtype=np.int64)
+            native.mixtures(pos, np.full(len(pos), ch, dtype=np.int64), feat, self.native_net, mu, inv, weight, centre)
+            return _Mixture(mu, inv, weight, centre, self.net.sigmoid)
         pre = self.prev_layer1(feat, pos, ch)
         pre += self.own_layer1(feat, pos)
         return _run(self.net, pre, self.step_fx)
+
+    @functools.cached_property
+    def native_net(self) -> tuple:
+        """The network and this image's conditioning as the C functions take them (``_ctx2_native.c``)."""
+        net, lay = self.net, self.lay
+        window = lay.offsets((0, dy, dx) for dy, dx in PREV_TAPS)
+        return (self.same_taps, window, lay.plane, net.w1_single, net.w1, net.w1_row_max, np.stack(self.bias1),
+                net.w2_single, net.w2, net.w2_row_max, net.b2, net.w3, net.b3, net.inv_scale, net.exp_table,
+                net.sigmoid, self.step_fx, net.log_scale_min)
 
     def mixture_all(self, feat: np.ndarray, pos: np.ndarray, ch: int) -> _Mixture:
         """:meth:`mixture` in blocks, bounding the encoder's memory on large latents."""
@@ -385,20 +401,15 @@ class _Decoding:
     def decode_native(self, payload: bytes, partial: bool) -> None:
         """Decode every wavefront in one call of the C decoder: the symbols ``decode_wavefronts``
         would give, and the same errors."""
-        model, net, lay, name = self.model, self.model.net, self.model.lay, "ctx2 coder"
+        model, lay, name = self.model, self.model.lay, "ctx2 coder"
         try:
             state, words = read_stream(payload, lay.lanes, lay.pos.size, name, partial)
         except TruncatedStreamError:
             if partial:
                 return
             raise
-        window = lay.offsets((0, dy, dx) for dy, dx in PREV_TAPS)
-        _, words_read, status = native.decode(
-            np.asarray(lay.steps, dtype=np.int64), lay.pos, lay.chan, self.sym, self.feat, state, words,
-            model.same_taps, window, lay.plane, net.w1_single, net.w1, net.w1_row_max, np.stack(model.bias1),
-            net.w2_single, net.w2,
-            net.w2_row_max, net.b2, net.w3, net.b3, net.inv_scale, net.exp_table, net.sigmoid, model.step_fx,
-            net.log_scale_min, self.radius, lay.lanes)
+        _, words_read, status = native.decode(np.asarray(lay.steps, dtype=np.int64), lay.pos, lay.chan, self.sym,
+                                              self.feat, state, words, model.native_net, self.radius, lay.lanes)
         if status == _TRUNCATED:
             if partial:
                 return
