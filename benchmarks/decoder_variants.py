@@ -382,15 +382,20 @@ def photos(network: Network, paths: list[Path], size: tuple[int, int] = TIMING_S
     receives on decode."""
     for path in paths:
         rgb = load_rgb(path, size)
-        data = pipeline.encode_image(Image.fromarray(rgb), network.save_options)
-        fp = io.BytesIO(data)
-        layout = container.read_layout(fp)
-        latent = read.latent_from_layout(fp, layout)
-        step = max(read.file_quantizer(layout.header).steps)
-        if not network.is_restorer:
-            options = DecodeOptions()
-            latent = pipeline.clean_latent(latent, layout, pipeline.decoder_for(layout, options), options)
-        yield Photo(path.stem, rgb, latent, step)
+        yield Photo(path.stem, rgb, *codec_latent(rgb, network.save_options, cleaned=not network.is_restorer))
+
+
+def codec_latent(rgb: np.ndarray, save_options: dict[str, Any], cleaned: bool = True) -> tuple[np.ndarray, float]:
+    """The photo saved as ``.sdl``: its latent as read back (``cleaned``: restored, as the decoder gets it) and
+    its quantization step."""
+    data = pipeline.encode_image(Image.fromarray(rgb), save_options)
+    fp = io.BytesIO(data)
+    layout = container.read_layout(fp)
+    latent = read.latent_from_layout(fp, layout)
+    if cleaned:
+        options = DecodeOptions()
+        latent = pipeline.clean_latent(latent, layout, pipeline.decoder_for(layout, options), options)
+    return latent, max(read.file_quantizer(layout.header).steps)
 
 
 def best_times(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
