@@ -227,7 +227,8 @@ def full_size(rgb: np.ndarray, header: Header) -> Image.Image:
 
 
 def decoder_for(layout: Layout, options: DecodeOptions) -> Any:
-    """Load the decoder a file needs (or the compatible one ``options.model`` asks for) and check its digest."""
+    """Load the decoder a file needs (or the compatible one ``options.model`` asks for), check its digest, and
+    pick its arithmetic (``options.precision``)."""
     header, model = layout.header, options.model
     if header.model not in REGISTRY and model is None:
         raise DamagedFileError(
@@ -253,7 +254,7 @@ def decoder_for(layout: Layout, options: DecodeOptions) -> Any:
         if not options.allow_digest_mismatch:
             raise DigestMismatchError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-    return decoder
+    return decoder.decoding_in(options.precision)
 
 
 def decode_layout(fp: IO[bytes], layout: Layout, options: DecodeOptions, *,
