@@ -129,8 +129,8 @@ class LatentModel:
         state, ranges = self._state, int8_ranges()[self.spec.name]["ranges"]
         twin = copy.copy(self)
         twin.precision = "int8"
-        twin._onnx = {**self._onnx, "decode": ort_engine.OnnxNetwork(
-            lambda: onnx_graphs.taesd_decoder_int8(state, {name: tuple(pair) for name, pair in ranges.items()}))}
+        graph = functools.partial(onnx_graphs.taesd_decoder_int8, state, ranges)
+        twin._onnx = {**self._onnx, "decode": ort_engine.OnnxNetwork(graph)}
         return twin
 
     @property

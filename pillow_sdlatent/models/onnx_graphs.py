@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 
@@ -265,7 +265,7 @@ def taesd_decoder(weights: Mapping[str, np.ndarray], graph: GraphBuilder | None 
 #: its weights or output costs the most PSNR for the least time (the first Conv stays float32 too: it reads
 #: the latent, which is never tapped)
 INT8_FLOAT_LAYERS = frozenset({"decoder.layers.18"})
-Ranges = Mapping[str, tuple[float, float]]
+Ranges = Mapping[str, Sequence[float]]  # (min, max) per tapped activation
 
 
 class _Taps(GraphBuilder):
