@@ -133,8 +133,9 @@ def closer_of_trial(image: Image.Image, info: dict[str, Any] | None, job: _Encod
         return data
     reference = np.asarray(image.convert("RGB"), dtype=np.float64)
 
-    def squared_error(candidate: bytes) -> float:
-        return float(np.mean((np.asarray(decode_file(candidate).convert("RGB"), dtype=np.float64) - reference) ** 2))
+    def squared_error(candidate: bytes) -> float:  # in float32, so that the choice is the same on every CPU
+        decoded = decode_file(candidate, precision="float32").convert("RGB")
+        return float(np.mean((np.asarray(decoded, dtype=np.float64) - reference) ** 2))
 
     return min((data, rival), key=squared_error)
 

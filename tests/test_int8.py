@@ -149,3 +149,14 @@ def test_int8_exact_reads_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
         has_vnni = any(flag in line.split() for line in cpuinfo if line.startswith("flags")
                        for flag in ort_engine.VNNI_FLAGS)
     assert ort_engine.int8_exact() == has_vnni
+
+
+def test_cli_decodes_in_the_precision_asked(tmp_path: Path, sdl: bytes) -> None:
+    from pillow_sdlatent.cli import main
+
+    source, target = tmp_path / "in.sdl", tmp_path / "out.png"
+    source.write_bytes(sdl)
+    for precision in ("int8", "float32"):
+        assert main(["decode", str(source), "--precision", precision, "-o", str(target)]) == 0
+        with Image.open(target) as decoded:
+            assert np.array_equal(np.asarray(decoded), np.asarray(pipeline.decode_file(sdl, precision=precision)))
