@@ -16,7 +16,8 @@ ONNX exporter as the codec does (``ort_engine``) and turned into:
 - for the ``taesd`` decoder also other int8 recipes (``TAESD_INT8``): Percentile and Entropy
   calibration, 64 calibration photos, symmetric activations, 7-bit weights (``reduce_range``), and
   parts of the graph left in float32 (the input's soft clamp and first Conv, the last Conv, the
-  1/8-resolution stage). With ``--sensitivity N``, each decoder layer is also quantized alone and
+  1/8-resolution stage), and ``int8-codec``, the int8 graph the codec itself writes (``precision="int8"``,
+  ``onnx_graphs.taesd_decoder_int8``). With ``--sensitivity N``, each decoder layer is also quantized alone and
   scored on N training photos outside the held-out split, for the noise it adds to float32's output.
 
 Speed: ms per 768x512 decode (the restorer: per 768x512 image's latent), best of ``--repeats``, every
@@ -62,7 +63,7 @@ from speed import KODAK, hardware_name
 from pillow_sdlatent import models, pipeline
 from pillow_sdlatent.core import container, read
 from pillow_sdlatent.enhance import restore
-from pillow_sdlatent.models import tiling
+from pillow_sdlatent.models import onnx_graphs, tiling
 from pillow_sdlatent.options import DecodeOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +224,15 @@ DESCRIPTIONS = {
     "int8-float-first-last-7bit": "as int8-float-first-last, 7-bit weights (reduce_range)",
     "int8-float-first-last-minmax64": "as int8-float-first-last, ranges from 64 photos",
     "int8-float-stage1-last": "as int8-qdq, the 1/8-resolution stage (layers 0-4) and the last Conv in float32",
+    "int8-codec": "the codec's own int8 graph (`precision=\"int8\"`): int8-float-first-last written by "
+                  "onnx_graphs from the weights and the ranges of training/fit_int8_ranges.py",
 }
+
+
+def codec_int8_graph(model: str) -> bytes:
+    """The int8 decoder graph the codec runs for ``model`` (``LatentModel.decoding_in``)."""
+    decoder = models.load_model(model, device="cpu", runtime="onnxruntime")
+    return onnx_graphs.taesd_decoder_int8(decoder._state, models.int8_ranges()[model]["ranges"])
 
 
 def float_nodes(graph: bytes, parts: tuple[str, ...]) -> list[str]:
@@ -347,10 +356,12 @@ class Variant:
     def __init__(self, name: str, network: Network, graph: bytes, **settings: Any) -> None:
         self.name, self.network = name, network
         self.session = session(graph, **settings)
+        self.inputs = [value.name for value in self.session.get_inputs()]  # the codec's graphs name theirs apart
         self.dtype = np.float16 if name == "float16" else np.float32
 
     def __call__(self, latent: np.ndarray, step: float) -> np.ndarray:
-        output = self.session.run(None, self.network.feeds(latent, step, self.dtype))[0]
+        feeds = self.network.feeds(latent, step, self.dtype).values()
+        output = self.session.run(None, dict(zip(self.inputs, feeds, strict=True)))[0]
         return output[0].astype(np.float32)
 
 
@@ -382,15 +393,20 @@ def photos(network: Network, paths: list[Path], size: tuple[int, int] = TIMING_S
     receives on decode."""
     for path in paths:
         rgb = load_rgb(path, size)
-        data = pipeline.encode_image(Image.fromarray(rgb), network.save_options)
-        fp = io.BytesIO(data)
-        layout = container.read_layout(fp)
-        latent = read.latent_from_layout(fp, layout)
-        step = max(read.file_quantizer(layout.header).steps)
-        if not network.is_restorer:
-            options = DecodeOptions()
-            latent = pipeline.clean_latent(latent, layout, pipeline.decoder_for(layout, options), options)
-        yield Photo(path.stem, rgb, latent, step)
+        yield Photo(path.stem, rgb, *codec_latent(rgb, network.save_options, cleaned=not network.is_restorer))
+
+
+def codec_latent(rgb: np.ndarray, save_options: dict[str, Any], cleaned: bool = True) -> tuple[np.ndarray, float]:
+    """The photo saved as ``.sdl``: its latent as read back (``cleaned``: restored, as the decoder gets it) and
+    its quantization step."""
+    data = pipeline.encode_image(Image.fromarray(rgb), save_options)
+    fp = io.BytesIO(data)
+    layout = container.read_layout(fp)
+    latent = read.latent_from_layout(fp, layout)
+    if cleaned:
+        options = DecodeOptions()
+        latent = pipeline.clean_latent(latent, layout, pipeline.decoder_for(layout, options), options)
+    return latent, max(read.file_quantizer(layout.header).steps)
 
 
 def best_times(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -466,6 +482,7 @@ def main() -> None:
     parser.add_argument("--kodak", type=int, default=8, help="Kodak photos scored (spread over the 24)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--networks", default="taesd,taesd3,restorer")
+    parser.add_argument("--recipes", default=None, help="only these int8 variants (comma-separated; default all)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--sensitivity", type=int, default=0, metavar="N",
                         help="also quantize each taesd decoder layer alone, scored on N training photos outside "
@@ -480,6 +497,7 @@ def main() -> None:
     option_rows: list[dict[str, Any]] = []
     sensitivity_rows: list[dict[str, Any]] = []
     wanted = args.networks.split(",")
+    recipes = None if args.recipes is None else args.recipes.split(",")
     candidates = networks()
     taesd = candidates[0]
     float_decoder = Variant("float32", taesd, export(taesd, torch.float32)) if "restorer" in wanted else None
@@ -490,8 +508,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             calibrations = Calibrations(network, graph, Path(folder))
             for name, recipe in (TAESD_INT8 if network.name == "taesd" else BASE_INT8).items():
-                print(f"{network.name}: quantizing {name}", file=sys.stderr)
-                variants.append(Variant(name, network, calibrations.quantized(recipe)))
+                if recipes is None or name in recipes:
+                    print(f"{network.name}: quantizing {name}", file=sys.stderr)
+                    variants.append(Variant(name, network, calibrations.quantized(recipe)))
+            if network.name in models.int8_ranges() and (recipes is None or "int8-codec" in recipes):
+                variants.append(Variant("int8-codec", network, codec_int8_graph(network.name)))
             if network.name == "taesd" and args.sensitivity:
                 chosen = list(photos(network, calibration_paths(args.sensitivity)))
                 sensitivity_rows = int8_sensitivity(calibrations, variants[0], network, chosen)
@@ -532,6 +553,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], option_rows: lis
                 writer.writerows(table)
     command = ("PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/decoder_variants.py "
                f"--held-out {args.held_out} --kodak {args.kodak} --repeats {args.repeats} --networks {args.networks}"
+               + (f" --recipes {args.recipes}" if args.recipes else "")
                + (f" --sensitivity {args.sensitivity}" if args.sensitivity else ""))
     lines = [
         "# Decoder variants: int8 and float16 against float32 (ONNX Runtime, CPU)", "",

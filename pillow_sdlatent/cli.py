@@ -14,6 +14,7 @@ from PIL import Image
 from ._atomic import atomic_write
 from .core import container
 from .core.quantize import DEFAULT_QUALITY
+from .options import PRECISIONS
 
 
 def _output_path(source: Path, out_dir: Path | None, suffix: str) -> Path:
@@ -71,7 +72,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from .pipeline import decode_files
 
     def decode_batch(sources: list[Path]) -> None:
-        images = decode_files(sources, model=args.model, device=args.device, weights=args.weights)
+        images = decode_files(sources, model=args.model, device=args.device, weights=args.weights,
+                              precision=args.precision)
         for source, image in zip(sources, images, strict=True):
             target = Path(args.output) if args.output else _output_path(source, args.out_dir, f".{args.format}")
             with tempfile.SpooledTemporaryFile() as buffer:
@@ -154,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode = commands.add_parser("decode", help="decode .sdl files to another format")
     decode.add_argument("inputs", nargs="+", type=Path)
     decode.add_argument("--format", default="png", help="output extension (default: %(default)s)")
+    decode.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="decoder arithmetic: auto (int8 where it is measured and exact on this CPU), "
+                             "float32 or int8 (default: %(default)s)")
     model_options(decode, "the file's own")
     decode.set_defaults(run=cmd_decode)
 

@@ -92,6 +92,10 @@ def metadata_from(image: Image.Image, info: dict[str, Any]) -> dict[str, bytes]:
     return metadata
 
 
+#: the arithmetic of the decoder (``LatentModel.decoding_in``)
+PRECISIONS = ("auto", "float32", "int8")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """How ``load()`` and ``decode_file`` decode a file; ``ValueError`` for a bad value.
@@ -102,7 +106,8 @@ class DecodeOptions:
     decode with other decoder weights than the file was written with (with a
     warning); ``restore``: the package's latent restorer where it was measured to
     help; ``denoise``: a Stable Diffusion 1.x model whose UNet denoises the latent
-    first, with ``seed``.
+    first, with ``seed``; ``precision``: ``auto`` (int8 where it was measured to keep
+    the picture and the CPU computes it exactly, else float32), ``float32`` or ``int8``.
     """
 
     model: str | None = None
@@ -112,6 +117,7 @@ class DecodeOptions:
     restore: bool = True
     denoise: str | None = None
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -129,6 +135,8 @@ class DecodeOptions:
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, not {self.seed!r}")
+        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> DecodeOptions:

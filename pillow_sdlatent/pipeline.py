@@ -133,8 +133,9 @@ def closer_of_trial(image: Image.Image, info: dict[str, Any] | None, job: _Encod
         return data
     reference = np.asarray(image.convert("RGB"), dtype=np.float64)
 
-    def squared_error(candidate: bytes) -> float:
-        return float(np.mean((np.asarray(decode_file(candidate).convert("RGB"), dtype=np.float64) - reference) ** 2))
+    def squared_error(candidate: bytes) -> float:  # in float32, so that the choice is the same on every CPU
+        decoded = decode_file(candidate, precision="float32").convert("RGB")
+        return float(np.mean((np.asarray(decoded, dtype=np.float64) - reference) ** 2))
 
     return min((data, rival), key=squared_error)
 
@@ -227,7 +228,8 @@ def full_size(rgb: np.ndarray, header: Header) -> Image.Image:
 
 
 def decoder_for(layout: Layout, options: DecodeOptions) -> Any:
-    """Load the decoder a file needs (or the compatible one ``options.model`` asks for) and check its digest."""
+    """Load the decoder a file needs (or the compatible one ``options.model`` asks for), check its digest, and
+    pick its arithmetic (``options.precision``)."""
     header, model = layout.header, options.model
     if header.model not in REGISTRY and model is None:
         raise DamagedFileError(
@@ -253,7 +255,7 @@ def decoder_for(layout: Layout, options: DecodeOptions) -> Any:
         if not options.allow_digest_mismatch:
             raise DigestMismatchError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-    return decoder
+    return decoder.decoding_in(options.precision)
 
 
 def decode_layout(fp: IO[bytes], layout: Layout, options: DecodeOptions, *,

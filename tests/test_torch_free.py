@@ -76,8 +76,8 @@ def test_decoder_digest_without_torch_is_the_recorded_one() -> None:
 
 def test_save_and_load_with_torch_impossible(photo: Image.Image, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A plain install: no torch, no diffusers, no $PILLOW_SDLATENT_MODELS; the bundled weights serve,
-    and the result is the torch runtime's within a hundredth of a dB."""
+    """A plain install: no torch, no diffusers, no $PILLOW_SDLATENT_MODELS; the bundled weights serve (the int8
+    decoder too), and the float32 result is the torch runtime's within a hundredth of a dB."""
     photo.save(tmp_path / "photo.png")
     script = BLOCK_TORCH + """
 import io, numpy as np
@@ -87,7 +87,11 @@ photo = Image.open("photo.png")
 buffer = io.BytesIO()
 photo.save(buffer, format="SDL", quality=60)
 image = Image.open(io.BytesIO(buffer.getvalue()))
+image.decode_options = {"precision": "float32"}  # as torch computes (int8 is checked in test_int8)
 image.load()
+int8 = Image.open(io.BytesIO(buffer.getvalue()))
+int8.decode_options = {"precision": "int8"}
+int8.load()
 mse = np.mean((np.asarray(image, float) - np.asarray(photo, float)) ** 2)
 print(10 * np.log10(255**2 / mse), image.info["sdl"]["model"], sys.modules.get("torch") is not None)
 try:

@@ -6,14 +6,16 @@ torch, diffusers or the ``onnx`` package (each a large install). The weights are
 read with numpy here too, bfloat16 included (numpy has no such dtype).
 
 Every graph takes and returns float32 NCHW tensors; batch, height and width are
-dynamic, so one ONNX Runtime session serves every image and tile size.
+dynamic, so one ONNX Runtime session serves every image and tile size. The TAESD
+decoder also has an int8 form (``taesd_decoder_int8``): the float weights quantized
+when the graph is written, and activation ranges fitted by ``training/fit_int8_ranges.py``.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 
@@ -21,7 +23,9 @@ import numpy as np
 
 OPSET = 17
 IR_VERSION = 8  # the highest opset-17 runtimes (onnxruntime >= 1.14) all read
-FLOAT, INT64 = 1, 7  # TensorProto.DataType
+FLOAT, UINT8, INT8, INT32, INT64 = 1, 2, 3, 6, 7  # TensorProto.DataType
+_TENSOR_TYPES = {np.dtype("float32"): FLOAT, np.dtype("uint8"): UINT8, np.dtype("int8"): INT8,
+                 np.dtype("int32"): INT32, np.dtype("int64"): INT64}
 ATTR_FLOAT, ATTR_INT, ATTR_STRING, ATTR_INTS = 1, 2, 3, 7  # AttributeProto.AttributeType
 
 
@@ -108,16 +112,21 @@ def _attribute(name: str, value: int | float | str | Iterable[int]) -> bytes:
 
 
 def _tensor(name: str, array: np.ndarray) -> bytes:
-    """TensorProto: dims 1, data_type 2, name 8, raw_data 9 (little-endian)."""
-    kind, dtype = (INT64, "<i8") if array.dtype.kind in "iu" else (FLOAT, "<f4")
-    raw = np.ascontiguousarray(array, dtype=dtype).tobytes()
-    return b"".join(_int(1, n) for n in array.shape) + _int(2, kind) + _bytes(8, name) + _bytes(9, raw)
+    """TensorProto: dims 1, data_type 2, name 8, raw_data 9 (little-endian).
+
+    float32, uint8, int8 and int32 arrays keep their type; other integers are written as int64, other floats
+    as float32.
+    """
+    dtype = array.dtype if array.dtype in _TENSOR_TYPES else np.dtype("<i8" if array.dtype.kind in "iu" else "<f4")
+    raw = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
+    return b"".join(_int(1, n) for n in array.shape) + _int(2, _TENSOR_TYPES[dtype]) + _bytes(8, name) + _bytes(9, raw)
 
 
-def _value_info(name: str, dims: Iterable[int | str]) -> bytes:
-    """ValueInfoProto(name 1, type 2) of a float tensor; str dims are named dynamic axes."""
-    shape = b"".join(_bytes(1, _bytes(2, d) if isinstance(d, str) else _int(1, d)) for d in dims)
-    tensor_type = _int(1, FLOAT) + _bytes(2, shape)
+def _value_info(name: str, dims: Iterable[int | str] | None) -> bytes:
+    """ValueInfoProto(name 1, type 2) of a float tensor; str dims are named dynamic axes, None no shape."""
+    tensor_type = _int(1, FLOAT)
+    if dims is not None:
+        tensor_type += _bytes(2, b"".join(_bytes(1, _bytes(2, d) if isinstance(d, str) else _int(1, d)) for d in dims))
     return _bytes(1, name) + _bytes(2, _bytes(1, tensor_type))
 
 
@@ -128,6 +137,8 @@ class GraphBuilder:
         self._nodes: list[bytes] = []
         self._initializers: list[bytes] = []
         self._count = 0
+        #: intermediate tensors the model also returns (after its main output), unshaped
+        self.extra_outputs: list[str] = []
 
     def constant(self, name: str, array: np.ndarray) -> str:
         self._initializers.append(_tensor(name, array))
@@ -148,7 +159,8 @@ class GraphBuilder:
         graph = (b"".join(_bytes(1, n) for n in self._nodes) + _bytes(2, "main")
                  + b"".join(_bytes(5, t) for t in self._initializers)
                  + b"".join(_bytes(11, _value_info(name, dims)) for name, dims in inputs.items())
-                 + _bytes(12, _value_info(final, output_dims)))
+                 + _bytes(12, _value_info(final, output_dims))
+                 + b"".join(_bytes(12, _value_info(name, None)) for name in self.extra_outputs))
         return (_int(1, IR_VERSION) + _bytes(2, "pillow_sdlatent") + _bytes(7, graph)
                 + _bytes(8, _bytes(1, "") + _int(2, OPSET)))
 
@@ -163,6 +175,10 @@ class GraphBuilder:
 
     def scalar(self, value: float) -> str:
         return self.constant(f"scalar_{len(self._initializers)}", np.array(value, np.float32))
+
+    def tap(self, name: str, x: str) -> str:
+        """An activation an int8 graph rounds to uint8 (``name``: the torch module that makes it); kept as is."""
+        return x
 
 
 # --- TAESD ------------------------------------------------------------------------------------
@@ -197,7 +213,10 @@ def taesd_keys(part: str, weights: Mapping[str, np.ndarray]) -> set[str]:
 
 
 def _taesd_layers(graph: GraphBuilder, x: str, part: str, weights: Mapping[str, np.ndarray]) -> str:
-    for index, kind in enumerate(ENCODER_LAYERS if part == "encoder" else DECODER_LAYERS):
+    """The layers; every activation a later Conv, Add or Resize reads is tapped (``GraphBuilder.tap``), except a
+    Conv's output that a Relu layer reads (the Relu's is) and the last layer's."""
+    layers = ENCODER_LAYERS if part == "encoder" else DECODER_LAYERS
+    for index, kind in enumerate(layers):
         prefix = f"{part}.layers.{index}"
         if kind in ("conv", "down"):
             x = graph.conv(x, weights, prefix, stride=2 if kind == "down" else 1)
@@ -208,11 +227,13 @@ def _taesd_layers(graph: GraphBuilder, x: str, part: str, weights: Mapping[str, 
             x = graph.node("Resize", [x, "", scales], mode="nearest", nearest_mode="floor",
                            coordinate_transformation_mode="asymmetric")
         else:  # conv-relu-conv-relu-conv plus a skip (1x1 conv or identity), then relu
-            y = graph.node("Relu", [graph.conv(x, weights, f"{prefix}.conv.0")])
-            y = graph.node("Relu", [graph.conv(y, weights, f"{prefix}.conv.2")])
-            y = graph.conv(y, weights, f"{prefix}.conv.4")
+            y = graph.tap(f"{prefix}.conv.1", graph.node("Relu", [graph.conv(x, weights, f"{prefix}.conv.0")]))
+            y = graph.tap(f"{prefix}.conv.3", graph.node("Relu", [graph.conv(y, weights, f"{prefix}.conv.2")]))
+            y = graph.tap(f"{prefix}.conv.4", graph.conv(y, weights, f"{prefix}.conv.4"))
             skip = graph.conv(x, weights, f"{prefix}.skip") if f"{prefix}.skip.weight" in weights else x
             x = graph.node("Relu", [graph.node("Add", [y, skip])])
+        if index + 1 < len(layers) and layers[index + 1] != "relu":
+            x = graph.tap(prefix, x)
     return x
 
 
@@ -224,14 +245,112 @@ def taesd_encoder(weights: Mapping[str, np.ndarray]) -> bytes:
     return graph.model({"input": _dims(3)}, x, _dims(weights["encoder.layers.14.weight"].shape[0], "out_"))
 
 
-def taesd_decoder(weights: Mapping[str, np.ndarray]) -> bytes:
-    """AutoencoderTiny.decode(z).sample: latents -> pixels in about [-1, 1] (not clamped)."""
-    graph = GraphBuilder()
+def taesd_decoder(weights: Mapping[str, np.ndarray], graph: GraphBuilder | None = None) -> bytes:
+    """AutoencoderTiny.decode(z).sample: latents -> pixels in about [-1, 1] (not clamped).
+
+    ``graph``: a builder whose ``tap`` and ``conv`` make another form (``taesd_decoder_taps``,
+    ``taesd_decoder_int8``); the input's soft clamp and the output's scaling stay float32 in all.
+    """
+    graph = graph or GraphBuilder()
     x = graph.node("Div", ["input", graph.scalar(3.0)])
     x = graph.node("Mul", [graph.node("Tanh", [x]), graph.scalar(3.0)])  # taesd's soft clamp to (-3, 3)
     x = _taesd_layers(graph, x, "decoder", weights)
     x = graph.node("Sub", [graph.node("Mul", [x, graph.scalar(2.0)]), graph.scalar(1.0)])
     return graph.model({"input": _dims(weights["decoder.layers.0.weight"].shape[1])}, x, _dims(3, "out_"))
+
+
+# --- the int8 TAESD decoder -------------------------------------------------------------------
+
+#: layers the int8 decoder keeps in float32: the last Conv (64 -> 3 channels) writes the pixels, and rounding
+#: its weights or output costs the most PSNR for the least time (the first Conv stays float32 too: it reads
+#: the latent, which is never tapped)
+INT8_FLOAT_LAYERS = frozenset({"decoder.layers.18"})
+Ranges = Mapping[str, Sequence[float]]  # (min, max) per tapped activation
+
+
+class _Taps(GraphBuilder):
+    """The float32 graph that also returns each tapped activation, for fitting their ranges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taps: dict[str, str] = {}
+
+    def tap(self, name: str, x: str) -> str:
+        self.taps[name] = x
+        self.extra_outputs.append(x)
+        return x
+
+
+def taesd_decoder_taps(weights: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """The float32 decoder with every activation the int8 graph rounds as an extra output, and the output
+    name of each (keyed by the torch module that makes it, the keys of ``taesd_decoder_int8``'s ranges)."""
+    graph = _Taps()
+    return taesd_decoder(weights, graph), graph.taps
+
+
+def activation_quantization(low: float, high: float) -> tuple[float, int]:
+    """uint8 scale and zero point of an activation range, as ``onnxruntime.quantization`` computes them
+    (the range widened to hold 0, so that 0 is exact)."""
+    rmin, rmax = np.float32(min(low, 0.0)), np.float32(max(high, 0.0))
+    scale = np.float32((np.float64(rmax) - np.float64(rmin)) / 255)
+    if scale == 0:
+        return 1.0, 0
+    return float(scale), int(np.clip(np.rint(-rmin / scale), 0, 255))
+
+
+def weight_quantization(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weights and their float32 scale per output channel: symmetric, max|w| -> 127 (as ORT's
+    per-channel QInt8; not -128, so that the sum of two products fits VPMADDUBSW's int16)."""
+    peak = np.abs(weight).reshape(len(weight), -1).max(axis=1)
+    scale = np.where(peak > 0, peak / np.float32(127), 1).astype(np.float32)
+    quantized = np.clip(np.rint(weight / scale.reshape(-1, *[1] * (weight.ndim - 1))), -127, 127)
+    return quantized.astype(np.int8), scale
+
+
+class _Int8(GraphBuilder):
+    """The QDQ form: each tapped activation rounded to uint8 (QuantizeLinear -> DequantizeLinear), each Conv
+    that reads one on int8 weights and int32 bias; ONNX Runtime fuses these into QLinearConv and QLinearAdd."""
+
+    def __init__(self, ranges: Ranges) -> None:
+        super().__init__()
+        self._ranges = ranges
+        self._scales: dict[str, float] = {}  # a DequantizeLinear output -> its scale
+
+    def tap(self, name: str, x: str) -> str:
+        if name not in self._ranges:
+            raise ValueError(f"no int8 range for {name!r}")
+        scale, zero_point = activation_quantization(*self._ranges[name])
+        parameters = [self.constant(f"{name}.scale", np.array(scale, np.float32)),
+                      self.constant(f"{name}.zero_point", np.array(zero_point, np.uint8))]
+        out = self.node("DequantizeLinear", [self.node("QuantizeLinear", [x, *parameters]), *parameters])
+        self._scales[out] = scale
+        return out
+
+    def conv(self, x: str, weights: Mapping[str, np.ndarray], prefix: str, stride: int = 1) -> str:
+        if x not in self._scales or prefix in INT8_FLOAT_LAYERS:
+            return super().conv(x, weights, prefix, stride)
+        weight = weights[f"{prefix}.weight"]
+        quantized, scale = weight_quantization(weight)
+        inputs = [x, self._dequantized(f"{prefix}.weight", quantized, scale)]
+        if f"{prefix}.bias" in weights:
+            bias_scale = np.float32(self._scales[x]) * scale
+            bias = np.rint(weights[f"{prefix}.bias"] / bias_scale).astype(np.int32)
+            inputs.append(self._dequantized(f"{prefix}.bias", bias, bias_scale))
+        pad = weight.shape[-1] // 2
+        return self.node("Conv", inputs, kernel_shape=weight.shape[2:], pads=[pad] * 4, strides=[stride, stride])
+
+    def _dequantized(self, name: str, values: np.ndarray, scale: np.ndarray) -> str:
+        """DequantizeLinear per output channel (axis 0), zero point 0."""
+        return self.node("DequantizeLinear", [self.constant(f"{name}.quantized", values),
+                                              self.constant(f"{name}.scale", scale),
+                                              self.constant(f"{name}.zero_point", np.zeros(len(values), values.dtype))],
+                         axis=0)
+
+
+def taesd_decoder_int8(weights: Mapping[str, np.ndarray], ranges: Ranges) -> bytes:
+    """``taesd_decoder`` in int8: weights quantized here, activations with ``ranges`` ((min, max) per
+    tapped activation, from ``training/fit_int8_ranges.py``); the same input and output."""
+    return taesd_decoder(weights, _Int8(ranges))
 
 
 # --- the latent restorer ----------------------------------------------------------------------

@@ -9,11 +9,39 @@ variant ``onnxruntime``). Graphs are written in memory from the loaded weights
 
 from __future__ import annotations
 
+import functools
+import platform
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+#: /proc/cpuinfo flags of x86 CPUs whose 8-bit dot products (VPDPBUSD) add into int32 without saturating
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+
+
+@functools.cache
+def int8_exact() -> bool:
+    """Whether ONNX Runtime's int8 convolutions compute exactly on this CPU.
+
+    On x86 without VNNI they multiply with VPMADDUBSW, whose pairwise int16 sums of uint8 x int8
+    products saturate with full 8-bit weights (ONNX Runtime's documented caveat), so only CPUs with
+    VNNI count; they are found in /proc/cpuinfo, so other systems on x86 count as unknown (no).
+    ARM's 8-bit dot products accumulate in int32 and have no such problem.
+    """
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return not VNNI_FLAGS.isdisjoint(flags)
 
 
 def available() -> bool:
@@ -26,7 +54,8 @@ def available() -> bool:
 
 
 class OnnxNetwork:
-    """A float32 network run by ONNX Runtime; its graph is written and its session opened on first call.
+    """A network (float32 inputs and output) run by ONNX Runtime; its graph is written and its session opened on
+    first call.
 
     Batch, height and width are dynamic, so one session serves every image and
     tile size. Session runs are thread-safe; the session is built once behind a lock.
