@@ -103,11 +103,12 @@ def test_auto_takes_int8_only_where_the_cpu_computes_it_exactly(monkeypatch: pyt
 
 def test_auto_decodes_files_in_int8_with_vnni(monkeypatch: pytest.MonkeyPatch, sdl: bytes) -> None:
     monkeypatch.setattr(ort_engine, "int8_exact", lambda: True)
-    auto = np.asarray(pipeline.decode_file(sdl))
+    auto = np.asarray(pipeline.decode_file(sdl, precision="auto"))
     assert np.array_equal(auto, np.asarray(pipeline.decode_file(sdl, precision="int8")))
-    monkeypatch.setattr(ort_engine, "int8_exact", lambda: False)
     float32 = np.asarray(pipeline.decode_file(sdl, precision="float32"))
-    assert np.array_equal(np.asarray(pipeline.decode_file(sdl)), float32)
+    assert np.array_equal(np.asarray(pipeline.decode_file(sdl)), float32)  # the default
+    monkeypatch.setattr(ort_engine, "int8_exact", lambda: False)
+    assert np.array_equal(np.asarray(pipeline.decode_file(sdl, precision="auto")), float32)
 
 
 def test_ranges_for_other_weights_mean_float32(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,12 +94,13 @@ class LatentModel:
         # .half() rather than .to(dtype): the same cast without diffusers' upcast warning
         self._module = module.half() if dtype == torch.float16 else module
 
-    def decoding_in(self, precision: str = "auto") -> LatentModel:
+    def decoding_in(self, precision: str = "float32") -> LatentModel:
         """This model decoding in ``precision`` (``options.PRECISIONS``): itself in float32, else a twin, built
         once, that shares its weights and encoder and decodes with the int8 graph (``onnx_graphs``).
 
         Why: int8 decodes ``taesd`` 2.5x faster for about 0.05 dB on photos (docs/speed/variants.md; flat
-        saturated colours lose up to about 1 dB). ``auto`` takes it
+        saturated colours lose up to about 1 dB, and small text read worse in a first check, so it is
+        opt-in). ``auto`` takes it
         only where that measurement holds and the CPU computes it exactly: ONNX Runtime on the CPU, ranges
         fitted for these very decoder weights, and ``ort_engine.int8_exact``. ``int8`` insists (``ValueError``
         where there are no ranges for these weights, or no ONNX Runtime); ``float32`` never takes it.
