@@ -113,14 +113,34 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
             _row(f"restorer network alone (step {restorer_step:.2f})", "decode",
                  best_of(lambda: restore.restore_latent(latent, restorer_step, model), repeats), best),
         ]
+    rows.append(_row(f"decoder network ({decoder.runtime}, float32)", "decode",
+                     best_of(lambda: decoder.decode_image(cleaned), repeats), best))
+    int8 = _int8_decoder(decoder)
+    if int8 is not None:
+        rows.append(_row(f"decoder network ({decoder.runtime}, int8; opt-in: precision='auto' or 'int8')", "decode",
+                         best_of(lambda: int8.decode_image(cleaned), repeats), best))
     rows += [
-        _row(f"decoder network ({decoder.runtime}, float32)", "decode",
-             best_of(lambda: decoder.decode_image(cleaned), repeats), best),
         _row("resampling and mode (full_size, finish_mode)", "decode",
              best_of(lambda: modes.finish_mode(pipeline.full_size(rgb, layout.header), layout, None), repeats), best),
         *whole_file_rows(photo, data, {}, repeats),
     ]
+    if int8 is not None:
+        def load_int8() -> None:
+            with Image.open(io.BytesIO(data)) as image:
+                image.decode_options = {"precision": "int8"}
+                image.load()
+
+        rows.append(_row("whole load(), warm, precision='int8'", "decode", best_of(load_int8, repeats), best,
+                         len(data)))
     return rows, data
+
+
+def _int8_decoder(decoder: Any) -> Any:
+    """The model's int8 twin, or None where it has none (no fitted ranges, or not ONNX Runtime)."""
+    try:
+        return decoder.decoding_in("int8")
+    except ValueError:
+        return None
 
 
 def _has_native(layout: Any) -> bool:
