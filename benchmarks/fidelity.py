@@ -321,10 +321,16 @@ class Coded:
 
 
 def encode(image: Image.Image, fmt: str, **options: Any) -> tuple[int, np.ndarray]:
+    """The file's size and its decoded pixels; ``precision``, a decode option, is used to decode."""
+    decode_options = {"precision": options.pop("precision")} if "precision" in options else {}
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     data = buffer.getvalue()
-    return len(data), decode_bytes(data)
+    if not decode_options:
+        return len(data), decode_bytes(data)
+    with Image.open(io.BytesIO(data)) as decoded:
+        decoded.decode_options = decode_options
+        return len(data), np.asarray(decoded.convert("RGB"))
 
 
 def largest_quality_within(code: Callable[[int], tuple[int, np.ndarray]], budget: int) -> int | None:
@@ -716,7 +722,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "fidelity", help="tables, plots and panels")
     parser.add_argument("--csv", type=Path, help="where to write the rows (default OUT/fidelity.csv)")
     parser.add_argument("--sdl-config", action="append", default=[], metavar="OPTS",
-                        help='one sdl configuration per use, e.g. "model=taesd3" ("" = defaults); bpp is set per rate')
+                        help='one sdl configuration per use, e.g. "model=taesd3" ("" = defaults); bpp is set per '
+                             'rate; "precision=int8" is the decode option')
     parser.add_argument("--sdl-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra save option for every sdl configuration")
     parser.add_argument("--no-panels", dest="panels", action="store_false", help="skip the PNG crop panels")
