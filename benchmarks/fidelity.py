@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", type=Path, help="where to write the rows (default OUT/fidelity.csv)")
     parser.add_argument("--sdl-config", action="append", default=[], metavar="OPTS",
                         help='one sdl configuration per use, e.g. "model=taesd3" ("" = defaults); bpp is set per '
-                             'rate; "precision=int8" is the decode option')
+                             'rate; "precision=auto" is the decode option')
     parser.add_argument("--sdl-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra save option for every sdl configuration")
     parser.add_argument("--no-panels", dest="panels", action="store_false", help="skip the PNG crop panels")

@@ -108,7 +108,7 @@ class DecodeOptions:
     help; ``denoise``: a Stable Diffusion 1.x model whose UNet denoises the latent
     first, with ``seed``; ``precision``: ``float32`` (the default), ``auto`` (the int8
     decoder where it was measured and the CPU computes it exactly, else float32; about
-    2.5x faster, opt-in because it read small text worse in a first check) or ``int8``.
+    2.5x faster, opt-in because small text reads worse: docs/fidelity/int8) or ``int8``.
     """
 
     model: str | None = None

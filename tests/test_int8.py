@@ -13,9 +13,9 @@ from PIL import Image
 from pillow_sdlatent import models, pipeline
 from pillow_sdlatent.models import onnx_graphs, ort_engine
 from pillow_sdlatent.options import DecodeOptions
-from tests.conftest import psnr
+from tests.conftest import KODAK, psnr
 
-PHOTO = Path(__file__).resolve().parent.parent / "examples" / "photo.jpg"
+PHOTO = KODAK / "kodim23.png"  # the sdist has no examples/: the shared photos are there for every test
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ class LatentModel:
         once, that shares its weights and encoder and decodes with the int8 graph (``onnx_graphs``).
 
         Why: int8 decodes ``taesd`` 2.5x faster for about 0.05 dB on photos (docs/speed/variants.md; flat
-        saturated colours lose up to about 1 dB, and small text read worse in a first check, so it is
+        saturated colours lose up to about 1 dB, and small text reads worse: docs/fidelity/int8, so it is
         opt-in). ``auto`` takes it
         only where that measurement holds and the CPU computes it exactly: ONNX Runtime on the CPU, ranges
         fitted for these very decoder weights, and ``ort_engine.int8_exact``. ``int8`` insists (``ValueError``
