@@ -320,9 +320,13 @@ class Coded:
     decoded: np.ndarray
 
 
+#: options of a --sdl-config that are decode options (``DecodeOptions``), not save options
+DECODE_KEYS = ("precision", "restore")
+
+
 def encode(image: Image.Image, fmt: str, **options: Any) -> tuple[int, np.ndarray]:
-    """The file's size and its decoded pixels; ``precision``, a decode option, is used to decode."""
-    decode_options = {"precision": options.pop("precision")} if "precision" in options else {}
+    """The file's size and its decoded pixels; DECODE_KEYS among ``options`` are used to decode."""
+    decode_options = {key: options.pop(key) for key in DECODE_KEYS if key in options}
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     data = buffer.getvalue()
@@ -723,7 +727,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", type=Path, help="where to write the rows (default OUT/fidelity.csv)")
     parser.add_argument("--sdl-config", action="append", default=[], metavar="OPTS",
                         help='one sdl configuration per use, e.g. "model=taesd3" ("" = defaults); bpp is set per '
-                             'rate; "precision=auto" is the decode option')
+                             f'rate; {", ".join(DECODE_KEYS)} are decode options')
     parser.add_argument("--sdl-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra save option for every sdl configuration")
     parser.add_argument("--no-panels", dest="panels", action="store_false", help="skip the PNG crop panels")
