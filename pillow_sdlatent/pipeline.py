@@ -43,7 +43,7 @@ class _EncodeJob:
     model: Any
     scale: float
     coded_size: tuple[int, int] | None
-    detailed: bool  # rate.holds_fine_detail: coded by the rules that keep small text
+    detailed: bool  # rate.holds_fine_detail: coded by the rules that keep small text, and restored by none
 
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
         quantizer = quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed)
@@ -55,7 +55,7 @@ class _EncodeJob:
             mode=self.stored_mode, model=self.options.model, decoder_digest=self.model.decoder_digest,
             latent_shape=symbols.shape, quantizer=quantizer.name, quantizer_params=quantizer.to_params(),
             coder=coder.name, coder_params=coder_params, payload_length=len(payload),
-            coded_size=self.coded_size,
+            coded_size=self.coded_size, flags=container.FLAG_NO_RESTORATION if self.detailed else 0,
         )
         return container.serialize(header, payload, self.metadata, self.alpha)
 
@@ -93,7 +93,11 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
 
     from .models import WeightsNotFoundError, load_model
 
-    detailed = rate.may_pick_high_rate_model(options, width, height) and rate.holds_fine_detail(work)
+    from .enhance.restore import has_restorer
+
+    # the restorer redraws small text (docs/fidelity/restoration): where it could run, detail turns it off
+    detail_matters = rate.may_pick_high_rate_model(options, width, height) or has_restorer(options.model)
+    detailed = detail_matters and rate.holds_fine_detail(work)
     chosen = rate.model_for_rate(options, width, height, detailed)
     coder = rate.coder_for(options, chosen)
     try:
@@ -294,7 +298,7 @@ def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, options: Deco
         from .enhance.unet import denoise_latent
 
         return denoise_latent(latent, step, model=options.denoise, device=decoder.device, seed=options.seed)
-    if options.restore:
+    if options.restore and not layout.header.flags & container.FLAG_NO_RESTORATION:
         from .enhance import restore as restorer
 
         if restorer.has_restorer(decoder.spec.name, step):

@@ -199,6 +199,21 @@ def test_small_text_keeps_the_rules_that_keep_it() -> None:
     assert coded_as(photo, 0.25) == ("taesd3", (192, 144))
 
 
+def test_small_text_is_decoded_without_the_restorer() -> None:
+    """The restorer redraws small text (docs/fidelity/restoration): at 0.1 bpp the lettered crop is flagged
+    (SHDR flag bit 0, format 2.1) and decodes as with restore=False; the same photo without text is not
+    flagged (2.0), and the restorer runs on it."""
+    with Image.open(HELD_OUT_PHOTO) as opened:
+        photo = opened.convert("RGB").crop((0, 0, 256, 192))
+    for image, flagged in ((crop_with_text(), True), (photo, False)):
+        data = coded_bytes(image, bpp=0.1)
+        layout = container.read_layout(io.BytesIO(data))
+        assert bool(layout.header.flags & container.FLAG_NO_RESTORATION) == flagged
+        assert layout.version == (2, 1 if flagged else 0)
+        plain = np.asarray(pipeline.decode_file(data, restore=False))
+        assert np.array_equal(np.asarray(pipeline.decode_file(data)), plain) == flagged
+
+
 @pytest.mark.slow
 def test_text_at_0_3_bpp_gets_taesd3_and_is_closer_than_taesd() -> None:
     """Measured: the lettering's PSNR 17.1 dB with the automatic choice (taesd3) against 16.0 with taesd."""

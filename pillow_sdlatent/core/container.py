@@ -38,6 +38,9 @@ ALPHA_MODES = frozenset({"RGBA", "LA"})
 #: Metadata chunk type -> the Pillow ``info`` key it carries.
 METADATA_CHUNKS = {b"eXIf": "exif", b"iCCP": "icc_profile", b"xMPd": "xmp"}
 HEADER, ALPHA, PAYLOAD, END = b"SHDR", b"ALPH", b"LATD", b"SEND"
+#: SHDR flag bit 0 (FORMAT.md, SHDR): the writer found fine detail (small text) that latent restoration
+#: would redraw; a reader decodes without it. Readers before format 1.1 ignore it, as they may.
+FLAG_NO_RESTORATION = 1
 
 
 class FormatError(SyntaxError):
@@ -86,7 +89,7 @@ class Header:
     @property
     def needed_version(self) -> tuple[int, int]:
         """The lowest format version that can express this header (what a writer writes)."""
-        return (2, 0) if self.coded_size is not None else (1, 0)
+        return (2 if self.coded_size is not None else 1, 1 if self.flags & FLAG_NO_RESTORATION else 0)
 
     def to_bytes(self) -> bytes:
         channels, lat_h, lat_w = self.latent_shape
