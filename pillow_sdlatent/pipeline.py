@@ -91,9 +91,8 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
     if stored_mode in container.ALPHA_MODES:
         alpha = alpha_chunk(work)
 
-    from .models import WeightsNotFoundError, load_model
-
     from .enhance.restore import has_restorer
+    from .models import WeightsNotFoundError, load_model
 
     # the restorer redraws small text (docs/fidelity/restoration): where it could run, detail turns it off
     detail_matters = rate.may_pick_high_rate_model(options, width, height) or has_restorer(options.model)
