@@ -6,10 +6,11 @@ Everything that can refuse an image or a file does so before the one expensive s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
@@ -43,10 +44,15 @@ class _EncodeJob:
     model: Any
     scale: float
     coded_size: tuple[int, int] | None
-    detailed: bool  # rate.holds_fine_detail: coded by the rules that keep small text, and restored by none
+    detailed: bool  # coded by the rules that keep small text (rate.holds_fine_detail, where it could matter)
+    fine_detail: Callable[[], bool]  # rate.holds_fine_detail of the image, checked once when first asked
 
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
+        from .enhance.restore import has_restorer
+
         quantizer = quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed)
+        # the restorer redraws small text (docs/fidelity/restoration): where it would run, fine detail turns it off
+        no_restoration = has_restorer(self.options.model, max(quantizer.steps)) and self.fine_detail()
         symbols = quantizer.quantize(latent)
         coder = coders.get_coder(self.options.coder)
         coder_params, payload = coder.encode(symbols)
@@ -55,7 +61,7 @@ class _EncodeJob:
             mode=self.stored_mode, model=self.options.model, decoder_digest=self.model.decoder_digest,
             latent_shape=symbols.shape, quantizer=quantizer.name, quantizer_params=quantizer.to_params(),
             coder=coder.name, coder_params=coder_params, payload_length=len(payload),
-            coded_size=self.coded_size, flags=container.FLAG_NO_RESTORATION if self.detailed else 0,
+            coded_size=self.coded_size, flags=container.FLAG_NO_RESTORATION if no_restoration else 0,
         )
         return container.serialize(header, payload, self.metadata, self.alpha)
 
@@ -91,12 +97,11 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
     if stored_mode in container.ALPHA_MODES:
         alpha = alpha_chunk(work)
 
-    from .enhance.restore import has_restorer
     from .models import WeightsNotFoundError, load_model
 
-    # the restorer redraws small text (docs/fidelity/restoration): where it could run, detail turns it off
-    detail_matters = rate.may_pick_high_rate_model(options, width, height) or has_restorer(options.model)
-    detailed = detail_matters and rate.holds_fine_detail(work)
+    full_size = work
+    fine_detail = functools.cache(lambda: rate.holds_fine_detail(full_size))  # two resamplings: only if asked
+    detailed = rate.may_pick_high_rate_model(options, width, height) and fine_detail()
     chosen = rate.model_for_rate(options, width, height, detailed)
     coder = rate.coder_for(options, chosen)
     try:
@@ -116,7 +121,8 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
         scale = math.sqrt(coded[0] * coded[1] / (width * height))
         colour = work if work.mode in ("RGB", "L") else work.convert("RGB")
         work = colour.resize(coded, container.RESAMPLING[container.LANCZOS])
-    return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model, scale, coded, detailed)
+    return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model, scale, coded, detailed,
+                      fine_detail)
 
 
 def closer_of_trial(image: Image.Image, info: dict[str, Any] | None, job: _EncodeJob, data: bytes) -> bytes:
