@@ -387,7 +387,7 @@ static int read_wave(const Net *net, Stream *s, Py_ssize_t n, const int64_t *mix
 
 typedef struct {
     const int64_t *steps, *pos, *chan;
-    Py_ssize_t n_waves, wave;
+    Py_ssize_t n_waves;
     int64_t *sym;
     double *features;
 } Latent;
@@ -496,8 +496,8 @@ static int decode_latent(const Net *net, Latent *lat, Stream *s) {
     Py_ssize_t *escaped = malloc((size_t)widest * sizeof(Py_ssize_t));
     if (!work(&w, net, widest) || !symbol || !excess || !escaped) goto done;
     status = DONE;
-    for (; lat->wave < lat->n_waves; lat->wave++) {
-        Py_ssize_t begin = lat->steps[2 * lat->wave], n = lat->steps[2 * lat->wave + 1] - begin;
+    for (Py_ssize_t wave = 0; wave < lat->n_waves; wave++) {
+        Py_ssize_t begin = lat->steps[2 * wave], n = lat->steps[2 * wave + 1] - begin;
         const int64_t *pos = lat->pos + begin;
         network(net, &w, lat->features, pos, n, lat->chan[begin]); /* a wavefront lies inside one channel */
         status = read_wave(net, s, n, w.mix, w.centre, symbol, escaped, excess);
@@ -556,20 +556,25 @@ static int checked_layout(const Net *net, const Latent *lat, Py_ssize_t n_pos, P
     return 1;
 }
 
+static void release_views(Py_buffer *views, int n) {
+    for (int i = 0; i < n; i++)
+        if (views[i].obj) PyBuffer_Release(&views[i]);
+}
+
 /* The network's data for one image, from the tuple ctx2.py's _Model.native_net builds */
+enum { SAME, WINDOW, W1S, W1, W1MAX, BIAS1, W2S, W2, W2MAX, B2, W3, B3, INV, EXP, SIG, NET_BUFFERS };
+
 typedef struct {
-    Py_buffer v[16];
+    Py_buffer v[NET_BUFFERS];
     double *w3; /* padded to OUT_PAD columns */
 } NetData;
 
 static void release_net(NetData *d) {
     free(d->w3);
-    for (int i = 0; i < 16; i++)
-        if (d->v[i].obj) PyBuffer_Release(&d->v[i]);
+    release_views(d->v, NET_BUFFERS);
 }
 
 static int parse_net(PyObject *tuple, Net *net, NetData *d) {
-    enum { SAME, WINDOW, W1S, W1, W1MAX, BIAS1, W2S, W2, W2MAX, B2, W3, B3, INV, EXP, SIG, N_BUFFERS };
     Py_buffer *v = d->v;
     Py_ssize_t plane;
     long long step_fx, log_scale_min;
@@ -635,8 +640,7 @@ static int parse_net(PyObject *tuple, Net *net, NetData *d) {
 }
 
 PyDoc_STRVAR(decode_doc,
-"decode(steps, pos, chan, sym, features, state, words, net, radius, lanes)\n"
-"    -> (wavefronts_done, words_read, status)\n\n"
+"decode(steps, pos, chan, sym, features, state, words, net, radius, lanes) -> (words_read, status)\n\n"
 "Decode the wavefronts ``steps`` of a latent, writing symbols and network inputs into ``sym`` and\n"
 "``features`` (flat, padded) and advancing the lane states ``state`` in place. status: 0 done,\n"
 "1 stream truncated, 2 out-of-range symbol, 3 oversized escape; the failing wavefront is left\n"
@@ -662,7 +666,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     if (!(sized(&v[CHAN], n_pos, sizeof(int64_t), "chan") && sized(&v[FEATURES], n_flat, sizeof(double), "features")
           && sized(&v[STATE], lanes, sizeof(uint32_t), "state")))
         goto release;
-    Latent lat = {v[STEPS].buf, v[POS].buf, v[CHAN].buf, v[STEPS].len / (2 * (Py_ssize_t)sizeof(int64_t)), 0,
+    Latent lat = {v[STEPS].buf, v[POS].buf, v[CHAN].buf, v[STEPS].len / (2 * (Py_ssize_t)sizeof(int64_t)),
                   v[SYM].buf, v[FEATURES].buf};
     if (radius < 1 || radius > 64 || lanes < 1 || lanes > MAX_LANES || !checked_layout(&net, &lat, n_pos, n_flat)) {
         PyErr_SetString(PyExc_ValueError, "ctx2 native decoder: bad arguments");
@@ -677,11 +681,10 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto release;
     }
-    result = Py_BuildValue("nni", lat.wave, stream.pos, status);
+    result = Py_BuildValue("ni", stream.pos, status);
 release:
     release_net(&data);
-    for (int i = 0; i < N_BUFFERS; i++)
-        if (v[i].obj) PyBuffer_Release(&v[i]);
+    release_views(v, N_BUFFERS);
     return result;
 }
 
@@ -711,7 +714,7 @@ static PyObject *mixtures(PyObject *self, PyObject *args) {
           && sized(&v[INV], n * K, sizeof(int64_t), "inv") && sized(&v[WEIGHT], n * K, sizeof(int64_t), "weight")
           && sized(&v[CENTRE], n, sizeof(int64_t), "centre")))
         goto release;
-    Latent lat = {NULL, v[POS].buf, v[CHAN].buf, 0, 0, NULL, NULL};
+    Latent lat = {NULL, v[POS].buf, v[CHAN].buf, 0, NULL, NULL};
     if (!checked_layout(&net, &lat, n, n_flat)) {
         PyErr_SetString(PyExc_ValueError, "ctx2 native decoder: a position lies outside the latent");
         goto release;
@@ -747,8 +750,7 @@ static PyObject *mixtures(PyObject *self, PyObject *args) {
     Py_INCREF(result);
 release:
     release_net(&data);
-    for (int i = 0; i < N_BUFFERS; i++)
-        if (v[i].obj) PyBuffer_Release(&v[i]);
+    release_views(v, N_BUFFERS);
     return result;
 }
 

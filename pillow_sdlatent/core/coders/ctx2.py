@@ -400,29 +400,23 @@ class _Decoding:
 
     def decode_native(self, payload: bytes, partial: bool) -> None:
         """Decode every wavefront in one call of the C decoder: the symbols ``decode_wavefronts``
-        would give, and the same errors."""
+        would give, and the same errors (``TruncatedStreamError`` where the stream ends early)."""
         model, lay, name = self.model, self.model.lay, "ctx2 coder"
-        try:
-            state, words = read_stream(payload, lay.lanes, lay.pos.size, name, partial)
-        except TruncatedStreamError:
-            if partial:
-                return
-            raise
-        _, words_read, status = native.decode(np.asarray(lay.steps, dtype=np.int64), lay.pos, lay.chan, self.sym,
-                                              self.feat, state, words, model.native_net, self.radius, lay.lanes)
-        if status == _TRUNCATED:
-            if partial:
-                return
-            raise TruncatedStreamError(f"{name} payload is truncated")
-        if status == _OUT_OF_RANGE:
-            raise ValueError(f"{name} payload decodes to an out-of-range symbol")
-        if status == _OVERSIZED_ESCAPE:
-            raise ValueError(f"{name} payload has an oversized escape")
+        state, words = read_stream(payload, lay.lanes, lay.pos.size, name, partial)
+        words_read, status = native.decode(np.asarray(lay.steps, dtype=np.int64), lay.pos, lay.chan, self.sym,
+                                           self.feat, state, words, model.native_net, self.radius, lay.lanes)
+        if status:
+            error, message = _NATIVE_ERRORS[status]
+            raise error(f"{name} payload {message}")
         check_finished(state, words_read, len(words), name)
 
 
-# native.decode's status codes (_ctx2_native.c)
-_TRUNCATED, _OUT_OF_RANGE, _OVERSIZED_ESCAPE = 1, 2, 3
+#: native.decode's status codes (_ctx2_native.c) -> the numpy loop's error for the same stream
+_NATIVE_ERRORS: dict[int, tuple[type[ValueError], str]] = {
+    1: (TruncatedStreamError, "is truncated"),
+    2: (ValueError, "decodes to an out-of-range symbol"),
+    3: (ValueError, "has an oversized escape"),
+}
 
 
 # --- the coder ---------------------------------------------------------------------------
@@ -527,8 +521,12 @@ class LearnedContextCoder:
         cond, radius = params
         lay = _layout((ch, h, w))
         decoding = _Decoding(_Model.build(lay, cond), radius)
-        if native is not None:
-            decoding.decode_native(payload, partial)
-        else:
+        if native is None:
             decode_wavefronts(payload, lay, decoding, "ctx2 coder", partial)
+        else:
+            try:
+                decoding.decode_native(payload, partial)
+            except TruncatedStreamError:
+                if not partial:
+                    raise
         return lay.unpadded(decoding.sym)
