@@ -139,13 +139,17 @@ def _same(a: np.ndarray | str, b: np.ndarray | str) -> bool:
 
 
 NATIVE = pytest.mark.skipif(ctx2.native is None, reason="the package was built without a C compiler")
+#: the C network alone, and with a second thread taking half of each wavefront (and of the encoder's symbols)
+NATIVE_THREADS = pytest.mark.parametrize("threads", [1, 2])
 
 
 @NATIVE
-def test_native_network_gives_the_numpy_streams_and_symbols() -> None:
+@NATIVE_THREADS
+def test_native_network_gives_the_numpy_streams_and_symbols(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the network in C the encoder writes the bytes the numpy network writes, and the C loop
     decodes them to the symbols the numpy loop gives: Kodak latents at a coarse and a fine step,
     escapes at the ends of the 16-bit range, shapes of one row, one column, one symbol."""
+    monkeypatch.setattr(ctx2, "NATIVE_THREADS", threads)
     fixture = np.load(FIXTURE)
     rng = np.random.default_rng(1)
     cases = [fixture["kodim22_step0.6"][:, :32, :48], fixture["kodim04_step0.25"][:, :40, :24], sample_symbols(4),
@@ -163,9 +167,12 @@ def test_native_network_gives_the_numpy_streams_and_symbols() -> None:
 
 
 @NATIVE
-def test_native_decoder_fails_and_truncates_as_the_numpy_decoder() -> None:
+@NATIVE_THREADS
+def test_native_decoder_fails_and_truncates_as_the_numpy_decoder(threads: int, monkeypatch: pytest.MonkeyPatch,
+                                                                   ) -> None:
     """Damaged payloads (bytes flipped) raise the same errors or decode to the same symbols; truncated
     ones decode the same prefix with ``partial`` and raise the same error without."""
+    monkeypatch.setattr(ctx2, "NATIVE_THREADS", threads)
     symbols = np.load(FIXTURE)["kodim22_step0.6"].astype(np.int32)[:, :16, :24]
     symbols[2, 3, 4] = 20000  # an escape with more than 8 bits of excess
     params, payload = CODER.encode(symbols)

@@ -24,6 +24,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__GNUC__) && (defined(__unix__) || defined(__APPLE__)) && !defined(__STDC_NO_ATOMICS__)
+/* a second thread takes half of each wavefront's rows (see Helper) */
+#define THREADS 1
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#else
+#define THREADS 0
+#endif
+
 /* ctx2.py's fixed-point layout; the golden streams in the tests hold both paths to it */
 #define ACT_LIMIT 65535.0
 #define INPUT_LIMIT 4096        /* network inputs: latent units * 2**8, clamped */
@@ -42,7 +52,7 @@
 #define SINGLE_EXACT (16777216.0 / 1024.0) /* 2**24 units of 2**-10 */
 #define MAX_MIXTURES 16
 #define MAX_LANES 128
-#define BLOCK 32 /* columns of a hidden layer computed together, in registers, for every row of a wavefront */
+#define BLOCK 64 /* columns of a hidden layer computed together, in registers, for every row of a wavefront */
 #define OUT_PAD 16 /* the output layer's columns, padded */
 
 #if defined(_MSC_VER)
@@ -172,24 +182,14 @@ VECTOR_CLONES static void product_single(Py_ssize_t rows, Py_ssize_t hidden, con
             for (Py_ssize_t k = 0, t = 0; k < in->runs[r]; k++) {
                 float part[BLOCK];
 #if VECTORS
-                /* two sets of accumulators, even and odd inputs, to keep both FMA pipes busy */
-                floats a[BLOCK / LANES] = {{0}}, b[BLOCK / LANES] = {{0}};
-                for (; t + 1 < run_end[k]; t += 2) {
-                    const float *row = w + (Py_ssize_t)index[t] * hidden + jb;
-                    const float *next = w + (Py_ssize_t)index[t + 1] * hidden + jb;
-                    for (int v = 0; v < BLOCK / LANES; v++) {
-                        a[v] += value[t] * load_floats(row + LANES * v);
-                        b[v] += value[t + 1] * load_floats(next + LANES * v);
-                    }
-                }
+                /* BLOCK / LANES independent accumulators keep both FMA pipes busy, and with AVX2's 16
+                 * registers still leave room for the weights */
+                floats a[BLOCK / LANES] = {{0}};
                 for (; t < run_end[k]; t++) {
                     const float *row = w + (Py_ssize_t)index[t] * hidden + jb;
                     for (int v = 0; v < BLOCK / LANES; v++) a[v] += value[t] * load_floats(row + LANES * v);
                 }
-                for (int v = 0; v < BLOCK / LANES; v++) {
-                    a[v] += b[v];
-                    memcpy(part + LANES * v, &a[v], sizeof a[v]);
-                }
+                memcpy(part, a, sizeof a);
 #else
                 for (int j = 0; j < BLOCK; j++) part[j] = 0.0f;
                 for (; t < run_end[k]; t++)
@@ -471,8 +471,10 @@ static void release_work(Work *w) {
     free(w->h); free(w->x); free(w->a); free(w->row_of); free(w->mix); free(w->centre);
 }
 
-/* The distributions of the n symbols at `pos` of channel `ch` (all of their inputs known) */
-static void network(const Net *net, Work *w, const double *features, const int64_t *pos, Py_ssize_t n, int64_t ch) {
+/* The distributions of the n symbols at `pos` of channel `ch` (all of their inputs known): 3K mixture
+ * parameters per symbol into `mix`, the window centres into `centre` */
+static void network(const Net *net, Work *w, const double *features, const int64_t *pos, Py_ssize_t n, int64_t ch,
+                    int64_t *mix, int64_t *centre) {
     Py_ssize_t hidden = net->hidden, k3 = 3 * net->mixtures;
     double out[OUT_PAD] = {0};
     for (Py_ssize_t r = 0; r < n; r++) gather_inputs(net, features, pos[r], ch, &w->in, r, w->x, w->row_of);
@@ -482,11 +484,99 @@ static void network(const Net *net, Work *w, const double *features, const int64
     for (Py_ssize_t r = 0; r < n; r++) {
         fill_row(&w->act2, r, w->h + r * hidden, NULL, hidden, net->w2_row_max);
         output_layer(net->w3, &w->act2, r, out);
-        w->centre[r] = mixture(net, out, w->mix + r * k3);
+        centre[r] = mixture(net, out, mix + r * k3);
     }
 }
 
-static int decode_latent(const Net *net, Latent *lat, Stream *s) {
+
+#define SPLIT_ROWS 4 /* a wavefront is split between two threads from this many rows on */
+#define SPINS 4096   /* a waiting thread spins this many times, then yields its core on each try */
+#define LATE_WAVES 16 /* the decoder stops splitting after this many waits for a helper that was not running */
+
+#if THREADS
+/* A second thread that runs the network on the later rows of each wavefront while the decoding thread
+ * runs the earlier ones. The rows of a wavefront are independent and each is computed the same way
+ * whoever runs it, so the symbols do not depend on the split. The two meet twice per wavefront (a
+ * 768x512 latent has 1,392), so they spin rather than sleep, yielding the core after SPINS tries in
+ * case the other is not running. Where the helper keeps losing its core to other processes, waiting
+ * for it costs more than it saves, and the decoder goes on alone (LATE_WAVES). */
+typedef struct {
+    const Net *net;
+    Work work;
+    const double *features;
+    const int64_t *pos;
+    Py_ssize_t n;
+    int64_t ch, *mix, *centre;
+    atomic_long posted, finished; /* jobs handed over, jobs done; posted < 0: stop */
+    pthread_t thread;
+} Helper;
+
+static void relax(int *spins) {
+    if (++*spins <= SPINS) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    } else {
+        sched_yield();
+    }
+}
+
+static void *helper_main(void *arg) {
+    Helper *h = arg;
+    for (long seen = 0;;) {
+        long job;
+        for (int spins = 0; (job = atomic_load_explicit(&h->posted, memory_order_acquire)) == seen;) relax(&spins);
+        if (job < 0) return NULL;
+        network(h->net, &h->work, h->features, h->pos, h->n, h->ch, h->mix, h->centre);
+        atomic_store_explicit(&h->finished, job, memory_order_release);
+        seen = job;
+    }
+}
+
+/* Start the helper (0 where it cannot start: the caller then runs every row itself) */
+static int start_helper(Helper *h, const Net *net, const double *features, Py_ssize_t rows) {
+    memset(h, 0, sizeof *h);
+    h->net = net;
+    h->features = features;
+    atomic_init(&h->posted, 0);
+    atomic_init(&h->finished, 0);
+    if (!work(&h->work, net, rows)) {
+        release_work(&h->work);
+        return 0;
+    }
+    if (pthread_create(&h->thread, NULL, helper_main, h) != 0) {
+        release_work(&h->work);
+        return 0;
+    }
+    return 1;
+}
+
+static void stop_helper(Helper *h) {
+    atomic_store_explicit(&h->posted, -1, memory_order_release);
+    pthread_join(h->thread, NULL);
+    release_work(&h->work);
+}
+
+/* network() on the n rows at `pos`, the later half by the helper; returns 1 where the caller had to
+ * yield its core while waiting for the helper (the helper was not running) */
+static int network_split(Helper *h, const Net *net, Work *w, const double *features, const int64_t *pos,
+                          Py_ssize_t n, int64_t ch, int64_t *mix, int64_t *centre) {
+    Py_ssize_t half = n / 2, k3 = 3 * net->mixtures;
+    long job = atomic_load_explicit(&h->finished, memory_order_relaxed) + 1;
+    h->pos = pos + half;
+    h->n = n - half;
+    h->ch = ch;
+    h->mix = mix + half * k3;
+    h->centre = centre + half;
+    atomic_store_explicit(&h->posted, job, memory_order_release);
+    network(net, w, features, pos, half, ch, mix, centre);
+    int spins = 0;
+    while (atomic_load_explicit(&h->finished, memory_order_acquire) != job) relax(&spins);
+    return spins > SPINS;
+}
+#endif
+
+static int decode_latent(const Net *net, Latent *lat, Stream *s, int threads) {
     Py_ssize_t widest = 1;
     for (Py_ssize_t i = 0; i < lat->n_waves; i++)
         if (lat->steps[2 * i + 1] - lat->steps[2 * i] > widest) widest = lat->steps[2 * i + 1] - lat->steps[2 * i];
@@ -496,24 +586,40 @@ static int decode_latent(const Net *net, Latent *lat, Stream *s) {
     Py_ssize_t *escaped = malloc((size_t)widest * sizeof(Py_ssize_t));
     if (!work(&w, net, widest) || !symbol || !excess || !escaped) goto done;
     status = DONE;
+#if THREADS
+    Helper helper;
+    int split = threads > 1 && widest >= SPLIT_ROWS && start_helper(&helper, net, lat->features, widest), late = 0;
+#else
+    (void)threads;
+#endif
     for (Py_ssize_t wave = 0; wave < lat->n_waves; wave++) {
         Py_ssize_t begin = lat->steps[2 * wave], n = lat->steps[2 * wave + 1] - begin;
         const int64_t *pos = lat->pos + begin;
-        network(net, &w, lat->features, pos, n, lat->chan[begin]); /* a wavefront lies inside one channel */
-        status = read_wave(net, s, n, w.mix, w.centre, symbol, escaped, excess);
-        if (status != DONE) goto done;
-        for (Py_ssize_t r = 0; r < n; r++) {
-            if (symbol[r] < -MAX_SYMBOL - 1 || symbol[r] > MAX_SYMBOL) {
-                status = OUT_OF_RANGE;
-                goto done;
+        int64_t ch = lat->chan[begin]; /* a wavefront lies inside one channel */
+#if THREADS
+        if (split && n >= SPLIT_ROWS) {
+            late += network_split(&helper, net, &w, lat->features, pos, n, ch, w.mix, w.centre);
+            if (late == LATE_WAVES) {
+                stop_helper(&helper);
+                split = 0;
             }
-        }
+        } else
+#endif
+            network(net, &w, lat->features, pos, n, ch, w.mix, w.centre);
+        status = read_wave(net, s, n, w.mix, w.centre, symbol, escaped, excess);
+        if (status != DONE) break;
+        for (Py_ssize_t r = 0; r < n && status == DONE; r++)
+            if (symbol[r] < -MAX_SYMBOL - 1 || symbol[r] > MAX_SYMBOL) status = OUT_OF_RANGE;
+        if (status != DONE) break;
         for (Py_ssize_t r = 0; r < n; r++) {
             lat->sym[pos[r]] = symbol[r];
             lat->features[pos[r]] = (double)clamp64(floor_shift(symbol[r] * net->step_fx, FEATURE_SHIFT),
                                                     -INPUT_LIMIT, INPUT_LIMIT);
         }
     }
+#if THREADS
+    if (split) stop_helper(&helper);
+#endif
 done:
     release_work(&w);
     free(symbol); free(excess); free(escaped);
@@ -640,11 +746,12 @@ static int parse_net(PyObject *tuple, Net *net, NetData *d) {
 }
 
 PyDoc_STRVAR(decode_doc,
-"decode(steps, pos, chan, sym, features, state, words, net, radius, lanes) -> (words_read, status)\n\n"
+"decode(steps, pos, chan, sym, features, state, words, net, radius, lanes, threads) -> (words_read, status)\n\n"
 "Decode the wavefronts ``steps`` of a latent, writing symbols and network inputs into ``sym`` and\n"
 "``features`` (flat, padded) and advancing the lane states ``state`` in place. status: 0 done,\n"
 "1 stream truncated, 2 out-of-range symbol, 3 oversized escape; the failing wavefront is left\n"
-"unwritten. ctx2.py's _Decoding.decode_native says what each argument is.");
+"unwritten. ``threads`` (1 or 2): threads that run the network; the symbols are the same for either.\n"
+"ctx2.py's _Decoding.decode_native says what each argument is.");
 
 static PyObject *decode(PyObject *self, PyObject *args) {
     (void)self;
@@ -653,11 +760,12 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     memset(v, 0, sizeof(v));
     PyObject *net_tuple, *result = NULL;
     long long radius, lanes;
+    int threads;
     Net net;
     NetData data;
     memset(&data, 0, sizeof data);
-    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*y*OLL", &v[STEPS], &v[POS], &v[CHAN], &v[SYM], &v[FEATURES],
-                          &v[STATE], &v[WORDS], &net_tuple, &radius, &lanes))
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*y*OLLi", &v[STEPS], &v[POS], &v[CHAN], &v[SYM], &v[FEATURES],
+                          &v[STATE], &v[WORDS], &net_tuple, &radius, &lanes, &threads))
         return NULL;
     if (!parse_net(net_tuple, &net, &data)) goto release;
     net.radius = radius;
@@ -675,7 +783,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     Stream stream = {v[STATE].buf, v[WORDS].buf, v[WORDS].len / 2, 0};
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = decode_latent(&net, &lat, &stream);
+    status = decode_latent(&net, &lat, &stream, threads);
     Py_END_ALLOW_THREADS
     if (status == NO_MEMORY) {
         PyErr_NoMemory();
@@ -690,10 +798,43 @@ release:
 
 #define MIXTURE_BLOCK 64 /* symbols the encoder's network runs on at once */
 
+/* The encoder's share of mixtures(): positions [begin, end), in blocks inside one channel */
+typedef struct {
+    const Net *net;
+    const int64_t *pos, *chan;
+    const double *features;
+    int64_t *mu, *inv, *weight, *centre;
+    Py_ssize_t begin, end;
+    int ok;
+} MixtureRange;
+
+static void *mixture_range(void *arg) {
+    MixtureRange *m = arg;
+    Py_ssize_t K = m->net->mixtures;
+    Work w;
+    m->ok = work(&w, m->net, MIXTURE_BLOCK);
+    for (Py_ssize_t begin = m->begin; m->ok && begin < m->end;) {
+        Py_ssize_t end = begin + 1;
+        while (end < m->end && end - begin < MIXTURE_BLOCK && m->chan[end] == m->chan[begin]) end++;
+        network(m->net, &w, m->features, m->pos + begin, end - begin, m->chan[begin], w.mix, m->centre + begin);
+        for (Py_ssize_t r = 0; r < end - begin; r++) {
+            for (Py_ssize_t k = 0; k < K; k++) {
+                m->mu[(begin + r) * K + k] = w.mix[r * 3 * K + k];
+                m->inv[(begin + r) * K + k] = w.mix[r * 3 * K + K + k];
+                m->weight[(begin + r) * K + k] = w.mix[r * 3 * K + 2 * K + k];
+            }
+        }
+        begin = end;
+    }
+    release_work(&w);
+    return NULL;
+}
+
 PyDoc_STRVAR(mixtures_doc,
-"mixtures(pos, chan, features, net, mu, inv, weight, centre) -> None\n\n"
+"mixtures(pos, chan, features, net, mu, inv, weight, centre, threads) -> None\n\n"
 "The distributions of the symbols at ``pos`` (channels ``chan``), all of whose inputs ``features``\n"
-"holds (the encoder's case), into the int64 arrays mu, inv, weight (N x K) and centre (N).");
+"holds (the encoder's case), into the int64 arrays mu, inv, weight (N x K) and centre (N), on up\n"
+"to ``threads`` (1 or 2) threads.");
 
 static PyObject *mixtures(PyObject *self, PyObject *args) {
     (void)self;
@@ -701,11 +842,12 @@ static PyObject *mixtures(PyObject *self, PyObject *args) {
     Py_buffer v[N_BUFFERS];
     memset(v, 0, sizeof(v));
     PyObject *net_tuple, *result = NULL;
+    int threads;
     Net net;
     NetData data;
     memset(&data, 0, sizeof data);
-    if (!PyArg_ParseTuple(args, "y*y*y*Ow*w*w*w*", &v[POS], &v[CHAN], &v[FEATURES], &net_tuple, &v[MU], &v[INV],
-                          &v[WEIGHT], &v[CENTRE]))
+    if (!PyArg_ParseTuple(args, "y*y*y*Ow*w*w*w*i", &v[POS], &v[CHAN], &v[FEATURES], &net_tuple, &v[MU], &v[INV],
+                          &v[WEIGHT], &v[CENTRE], &threads))
         return NULL;
     if (!parse_net(net_tuple, &net, &data)) goto release;
     Py_ssize_t n = v[POS].len / (Py_ssize_t)sizeof(int64_t), K = net.mixtures;
@@ -719,28 +861,28 @@ static PyObject *mixtures(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "ctx2 native decoder: a position lies outside the latent");
         goto release;
     }
-    Work w;
+    MixtureRange part = {&net, v[POS].buf, v[CHAN].buf, v[FEATURES].buf, v[MU].buf, v[INV].buf, v[WEIGHT].buf,
+                         v[CENTRE].buf, 0, n, 0};
     int ok;
-    const int64_t *pos = v[POS].buf, *chan = v[CHAN].buf;
-    const double *features = v[FEATURES].buf;
-    int64_t *mu = v[MU].buf, *inv = v[INV].buf, *weight = v[WEIGHT].buf, *centre = v[CENTRE].buf;
     Py_BEGIN_ALLOW_THREADS
-    ok = work(&w, &net, MIXTURE_BLOCK);
-    for (Py_ssize_t begin = 0; ok && begin < n;) {
-        Py_ssize_t end = begin + 1; /* a block of one channel */
-        while (end < n && end - begin < MIXTURE_BLOCK && chan[end] == chan[begin]) end++;
-        network(&net, &w, features, pos + begin, end - begin, chan[begin]);
-        for (Py_ssize_t r = 0; r < end - begin; r++) {
-            for (Py_ssize_t m = 0; m < K; m++) {
-                mu[(begin + r) * K + m] = w.mix[r * 3 * K + m];
-                inv[(begin + r) * K + m] = w.mix[r * 3 * K + K + m];
-                weight[(begin + r) * K + m] = w.mix[r * 3 * K + 2 * K + m];
-            }
-            centre[begin + r] = w.centre[r];
-        }
-        begin = end;
+#if THREADS
+    /* every symbol's inputs are known: the second thread takes the later half, with no meeting on the way */
+    MixtureRange later = part;
+    pthread_t thread;
+    int started = threads > 1 && n >= 2 * MIXTURE_BLOCK;
+    if (started) {
+        later.begin = part.end = n / 2;
+        started = pthread_create(&thread, NULL, mixture_range, &later) == 0;
+        if (!started) part.end = n;
     }
-    release_work(&w);
+    mixture_range(&part);
+    if (started) pthread_join(thread, NULL);
+    ok = part.ok && (!started || later.ok);
+#else
+    (void)threads;
+    mixture_range(&part);
+    ok = part.ok;
+#endif
     Py_END_ALLOW_THREADS
     if (!ok) {
         PyErr_NoMemory();

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,15 @@ try:
 except ImportError:  # built without a C compiler: the numpy loop decodes the same symbols, slower
     native = None
 
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+#: threads the C network runs on (the symbols are the same for any count): two where a second core is free to take
+NATIVE_THREADS = min(2, _cores())
 WEIGHTS_FILE = WEIGHTS_DIR / "ctx2_sd1.safetensors"
 #: SHA-256 of WEIGHTS_FILE: a file coded with other weights would decode to garbage, so refuse them
 WEIGHTS_SHA256 = "d721061b26e0b1eafa70ff9a6f660748e34aecdf2f185d1db49964c05414022a"
@@ -298,7 +308,8 @@ class _Model:
             k = self.net.mixtures
             mu, inv, weight = (np.empty((len(pos), k), dtype=np.int64) for _ in range(3))
             centre = np.empty(len(pos), dtype=np.int64)
-            native.mixtures(pos, np.full(len(pos), ch, dtype=np.int64), feat, self.native_net, mu, inv, weight, centre)
+            native.mixtures(pos, np.full(len(pos), ch, dtype=np.int64), feat, self.native_net, mu, inv, weight, centre,
+                            NATIVE_THREADS)
             return _Mixture(mu, inv, weight, centre, self.net.sigmoid)
         pre = self.prev_layer1(feat, pos, ch)
         pre += self.own_layer1(feat, pos)
@@ -404,7 +415,8 @@ class _Decoding:
         model, lay, name = self.model, self.model.lay, "ctx2 coder"
         state, words = read_stream(payload, lay.lanes, lay.pos.size, name, partial)
         words_read, status = native.decode(np.asarray(lay.steps, dtype=np.int64), lay.pos, lay.chan, self.sym,
-                                           self.feat, state, words, model.native_net, self.radius, lay.lanes)
+                                           self.feat, state, words, model.native_net, self.radius, lay.lanes,
+                                           NATIVE_THREADS)
         if status:
             error, message = _NATIVE_ERRORS[status]
             raise error(f"{name} payload {message}")
