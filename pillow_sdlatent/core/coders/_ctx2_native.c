@@ -128,26 +128,48 @@ static inline Py_ssize_t entries(const Sparse *s, Py_ssize_t r) {
 }
 
 /* Row r of `s` from the n candidate inputs x[k], which go with weight rows row_of[k] (k where row_of
- * is NULL): zeros dropped (without a branch per input), then cut into runs where their bounds need it */
-static void fill_row(Sparse *s, Py_ssize_t r, const float *x, const int32_t *row_of, Py_ssize_t n,
-                     const double *row_max) {
+ * is NULL): the nonzero ones, kept without a branch per input, as one run (see cut_runs) */
+static void keep_nonzero(Sparse *s, Py_ssize_t r, const float *x, const int32_t *row_of, Py_ssize_t n) {
     int32_t *index = s->index + r * s->stride;
     float *value = s->value + r * s->stride;
-    Py_ssize_t *run_end = s->run_end + r * (s->stride + 1), count = 0, runs = 0;
+    Py_ssize_t count = 0;
     for (Py_ssize_t k = 0; k < n; k++) {
+        uint32_t bits; /* tested as an integer: a float compare also has to rule out NaN, which never comes */
+        memcpy(&bits, &x[k], sizeof bits);
         index[count] = row_of ? row_of[k] : (int32_t)k;
         value[count] = x[k];
-        count += x[k] != 0.0f;
+        count += (bits << 1) != 0;
     }
-    double total[4] = {0.0, 0.0, 0.0, 0.0}, largest = 0.0; /* exact in any order: integers times 2**-10 */
-    for (Py_ssize_t t = 0; t < count; t++) {
+    s->run_end[r * (s->stride + 1)] = count;
+    s->runs[r] = 1;
+    s->wide[r] = 0;
+}
+
+/* Row r of `s` cut into runs where the inputs' bounds (|input| times their weight row's largest |w|)
+ * need it, and marked `wide` where one input alone is too large for float */
+static void cut_runs(Sparse *s, Py_ssize_t r, const double *row_max) {
+    const int32_t *index = s->index + r * s->stride;
+    const float *value = s->value + r * s->stride;
+    Py_ssize_t *run_end = s->run_end + r * (s->stride + 1), count = run_end[0], runs = 0, t = 0;
+    /* exact in any order (integers times 2**-10); four sums and maxima for four independent chains */
+    double total[4] = {0.0, 0.0, 0.0, 0.0}, largest[4] = {0.0, 0.0, 0.0, 0.0};
+    for (; t + 3 < count; t += 4) {
+        for (int u = 0; u < 4; u++) {
+            double bound = fabs((double)value[t + u]) * row_max[index[t + u]];
+            total[u] += bound;
+            largest[u] = bound > largest[u] ? bound : largest[u];
+        }
+    }
+    for (; t < count; t++) {
         double bound = fabs((double)value[t]) * row_max[index[t]];
-        total[t & 3] += bound;
-        largest = bound > largest ? bound : largest;
+        total[0] += bound;
+        largest[0] = bound > largest[0] ? bound : largest[0];
     }
+    double widest = largest[0];
+    for (int u = 1; u < 4; u++) widest = largest[u] > widest ? largest[u] : widest;
     if (total[0] + total[1] + total[2] + total[3] >= SINGLE_EXACT) {
         double run = 0.0;
-        for (Py_ssize_t t = 0; t < count; t++) {
+        for (t = 0; t < count; t++) {
             double bound = fabs((double)value[t]) * row_max[index[t]];
             if (run + bound >= SINGLE_EXACT && t > 0) {
                 run_end[runs++] = t;
@@ -158,7 +180,7 @@ static void fill_row(Sparse *s, Py_ssize_t r, const float *x, const int32_t *row
     }
     run_end[runs++] = count;
     s->runs[r] = runs;
-    s->wide[r] = largest >= SINGLE_EXACT;
+    s->wide[r] = widest >= SINGLE_EXACT;
 }
 
 typedef struct {
@@ -409,7 +431,8 @@ static void gather_inputs(const Net *net, const double *features, int64_t pos, i
             row_of[n] = first + (int32_t)t;
         }
     }
-    fill_row(in, r, x, row_of, n, net->w1_row_max);
+    keep_nonzero(in, r, x, row_of, n);
+    cut_runs(in, r, net->w1_row_max);
 }
 
 /* h[r] = one hidden layer's activations for the rows of one wavefront, exact (see the top) */
@@ -479,10 +502,13 @@ static void network(const Net *net, Work *w, const double *features, const int64
     double out[OUT_PAD] = {0};
     for (Py_ssize_t r = 0; r < n; r++) gather_inputs(net, features, pos[r], ch, &w->in, r, w->x, w->row_of);
     hidden_layer(n, hidden, net->w1_single, net->w1, net->bias1 + ch * hidden, &w->in, w->a, w->h);
-    for (Py_ssize_t r = 0; r < n; r++) fill_row(&w->act, r, w->h + r * hidden, NULL, hidden, net->w2_row_max);
+    for (Py_ssize_t r = 0; r < n; r++) {
+        keep_nonzero(&w->act, r, w->h + r * hidden, NULL, hidden);
+        cut_runs(&w->act, r, net->w2_row_max);
+    }
     hidden_layer(n, hidden, net->w2_single, net->w2, net->b2, &w->act, w->a, w->h);
     for (Py_ssize_t r = 0; r < n; r++) {
-        fill_row(&w->act2, r, w->h + r * hidden, NULL, hidden, net->w2_row_max);
+        keep_nonzero(&w->act2, r, w->h + r * hidden, NULL, hidden); /* the output layer runs in double */
         output_layer(net->w3, &w->act2, r, out);
         centre[r] = mixture(net, out, mix + r * k3);
     }
