@@ -97,12 +97,16 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     rows = [
         _row(f"header parse (Image.open; {model}, {layout.header.quantizer}, coded {layout.header.coded[0]}x"
              f"{layout.header.coded[1]})", "decode", best_of(opened, repeats), best, len(data)),
-        _row(f"entropy decode ({layout.header.coder}{', C' if _has_native(layout) else ''})", "decode",
+        _row(f"entropy decode ({layout.header.coder}{_native_label(layout)})", "decode",
              best_of(lambda: read.read_symbols(layout, payload), repeats), best),
     ]
     if _has_native(layout):
-        rows.append(_row("entropy decode (ctx2, numpy loop: an install without a C compiler)", "decode",
-                         _numpy_ctx2_seconds(layout, payload, repeats), best))
+        rows += [
+            _row("entropy decode (ctx2, C, one thread)", "decode",
+                 _ctx2_seconds(layout, payload, repeats, threads=1), best),
+            _row("entropy decode (ctx2, numpy loop: an install without a C compiler)", "decode",
+                 _ctx2_seconds(layout, payload, repeats, native=False), best),
+        ]
     rows += [
         _row("dequantize", "decode", best_of(lambda: read.dequantize(layout, symbols), repeats), best),
     ]
@@ -143,22 +147,33 @@ def _int8_decoder(decoder: Any) -> Any:
         return None
 
 
+def _native_label(layout: Any) -> str:
+    from pillow_sdlatent.core.coders import ctx2
+
+    if not _has_native(layout):
+        return ""
+    return ", C" + (f", {ctx2.NATIVE_THREADS} threads" if ctx2.NATIVE_THREADS > 1 else "")
+
+
 def _has_native(layout: Any) -> bool:
     from pillow_sdlatent.core.coders import ctx2
 
     return layout.header.coder == "ctx2" and ctx2.native is not None
 
 
-def _numpy_ctx2_seconds(layout: Any, payload: bytes, repeats: int) -> float:
-    """The ctx2 entropy decode with the C decoder switched off."""
+def _ctx2_seconds(layout: Any, payload: bytes, repeats: int, threads: int | None = None, native: bool = True,
+                  ) -> float:
+    """The ctx2 entropy decode with the C decoder on ``threads`` threads, or switched off."""
     from pillow_sdlatent.core import read
     from pillow_sdlatent.core.coders import ctx2
 
-    native, ctx2.native = ctx2.native, None
+    saved = ctx2.native, ctx2.NATIVE_THREADS
+    ctx2.native = ctx2.native if native else None
+    ctx2.NATIVE_THREADS = threads or ctx2.NATIVE_THREADS
     try:
         return best_of(lambda: read.read_symbols(layout, payload), repeats)
     finally:
-        ctx2.native = native
+        ctx2.native, ctx2.NATIVE_THREADS = saved
 
 
 def sdl_bytes(photo: Image.Image, options: dict[str, Any]) -> bytes:

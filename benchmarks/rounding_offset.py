@@ -13,14 +13,13 @@ decoded and scored. Prints the mean curves and the BD-rate of each offset agains
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 from pathlib import Path
 
 import numpy as np
 from bdrate import bd_rate
 from PIL import Image
-from scale_per_rate import held_out_photos, mean_curves, scored_points
+from scale_per_rate import held_out_photos, mean_curves, publish, scored_points, swept_rows
 
 import pillow_sdlatent  # noqa: F401  (registers the format)
 from pillow_sdlatent.core import quantize
@@ -72,15 +71,12 @@ def main() -> None:
     parser.add_argument("--from-csv", type=Path, help="re-analyse an earlier run instead of sweeping")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.from_csv:
-        with open(args.from_csv, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        rows = sweep(held_out_photos()[: args.photos], args.model, [float(o) for o in args.offsets.split(",")],
+
+    def new_sweep() -> list[dict]:
+        return sweep(held_out_photos()[: args.photos], args.model, [float(o) for o in args.offsets.split(",")],
                      [int(q) for q in args.qualities.split(",")], args.out / f"{args.model}.csv")
-    text = report(rows, args.model)
-    (args.out / f"{args.model}.md").write_text(text + "\n")
-    print(text)
+
+    publish(report(swept_rows(args.from_csv, new_sweep), args.model), args.out / f"{args.model}.md")
 
 
 if __name__ == "__main__":

@@ -207,15 +207,25 @@ def main() -> None:
     parser.add_argument("--from-csv", type=Path, help="re-analyse an earlier run instead of sweeping")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.from_csv:
-        with open(args.from_csv, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
+
+    def new_sweep() -> list[dict]:
         paths = image_paths(args.images, args.limit) if args.images else held_out_photos()
-        rows = sweep(paths, args.model, [float(s) for s in args.scales.split(",")],
+        return sweep(paths, args.model, [float(s) for s in args.scales.split(",")],
                      [int(q) for q in args.qualities.split(",")], args.out / "scale_per_rate.csv")
-    text = report(rows, args.model, args.out)
-    (args.out / "scale_per_rate.md").write_text(text + "\n")
+
+    publish(report(swept_rows(args.from_csv, new_sweep), args.model, args.out), args.out / "scale_per_rate.md")
+
+
+def swept_rows(from_csv: Path | None, new_sweep: Callable[[], list[dict]]) -> list[dict]:
+    """The points of an earlier run's CSV (``--from-csv``: re-analysing costs no coding), else of a new sweep."""
+    if from_csv is None:
+        return new_sweep()
+    with open(from_csv, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def publish(text: str, path: Path) -> None:
+    path.write_text(text + "\n")
     print(text)
 
 

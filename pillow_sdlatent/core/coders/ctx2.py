@@ -18,7 +18,8 @@ interleaved rANS lanes. The earlier channels' share of the first layer is known 
 starts, so it runs as one large product per channel (in blocks); per wavefront only the 24
 own-channel taps, the hidden layers and the probability tables remain. Where the package was built
 with a compiler, the whole decoding loop, and the encoder's network, run in C instead
-(``_ctx2_native.c``): the same integers, and the tests hold the two to the same bytes and symbols.
+(``_ctx2_native.c``, on two threads where a second core is free): the same integers, and the tests hold
+the two to the same bytes and symbols.
 """
 
 from __future__ import annotations
