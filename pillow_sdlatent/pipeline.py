@@ -47,12 +47,21 @@ class _EncodeJob:
     detailed: bool  # coded by the rules that keep small text (rate.holds_fine_detail, where it could matter)
     fine_detail: Callable[[], bool]  # rate.holds_fine_detail of the image, checked once when first asked
 
-    def file_for(self, latent: np.ndarray, step: float) -> bytes:
+    def restoration_off(self, quantizer: quantize.Quantizer) -> bool:
+        """Whether a file stored by ``quantizer`` says not to run the restorer: the restorer redraws small
+        text (docs/fidelity/restoration), so where it would run, fine detail turns it off."""
         from .enhance.restore import has_restorer
 
+        return has_restorer(self.options.model, max(quantizer.steps)) and self.fine_detail()
+
+    def refined(self, latent: np.ndarray, quantizer: quantize.Quantizer) -> np.ndarray:
+        """The effort's latent, optimised through what the reader will run on this file."""
+        return effort.refine_latent(self.model, latent, self.rgb, quantizer, self.options.effort,
+                                    restored=not self.restoration_off(quantizer))
+
+    def file_for(self, latent: np.ndarray, step: float) -> bytes:
         quantizer = quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed)
-        # the restorer redraws small text (docs/fidelity/restoration): where it would run, fine detail turns it off
-        no_restoration = has_restorer(self.options.model, max(quantizer.steps)) and self.fine_detail()
+        no_restoration = self.restoration_off(quantizer)
         symbols = quantizer.quantize(latent)
         coder = coders.get_coder(self.options.coder)
         coder_params, payload = coder.encode(symbols)
@@ -67,17 +76,16 @@ class _EncodeJob:
 
     def finish(self, latent: np.ndarray) -> bytes:
         """Choose the step (quality or rate control), spend the effort, serialize."""
-        options, model, rgb = self.options, self.model, self.rgb
+        options = self.options
         target = rate.rate_target(options, self.image.width, self.image.height)
         if target is None:
             quality_step = rate.step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
             step = rate.step_at_scale(quality_step, self.scale, options.model)
             quantizer = quantize.quantizer_for(options.model, step, latent.shape[0], self.detailed)
-            return self.file_for(effort.refine_latent(model, latent, rgb, quantizer, options.effort), step)
+            return self.file_for(self.refined(latent, quantizer), step)
         data, step = rate.fit_rate(lambda step: self.file_for(latent, step), target)
         if options.effort:
-            quantizer = quantize.quantizer_for(options.model, step, latent.shape[0], self.detailed)
-            latent = effort.refine_latent(model, latent, rgb, quantizer, options.effort)
+            latent = self.refined(latent, quantize.quantizer_for(options.model, step, latent.shape[0], self.detailed))
             data, _ = rate.fit_rate(lambda step: self.file_for(latent, step), target)
         return data
 

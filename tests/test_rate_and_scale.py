@@ -92,9 +92,26 @@ def test_effort_runs_the_restorer_on_the_model_device() -> None:
     model = models.load_model("taesd", device="meta", runtime="torch")
     step = 1.0
     assert restore.has_restorer("taesd", step)
-    decoded = effort._pipeline(model, step)(torch.zeros(1, 4, 8, 8, device="meta"))
+    decoded = effort._pipeline(model, step, restored=True)(torch.zeros(1, 4, 8, 8, device="meta"))
     assert decoded.device.type == "meta" and decoded.shape == (1, 3, 64, 64)
     assert next(restore.restorer_net("taesd").parameters()).device.type == "cpu"  # the shared one stays
+
+
+def test_effort_optimises_through_the_decode_the_file_will_get() -> None:
+    """A file that says not to restore (small text) is refined against the decoder alone: optimising
+    through a restorer the reader then skips made small text read worse."""
+    import torch
+
+    from pillow_sdlatent.enhance import effort
+
+    model = models.load_model("taesd", runtime="torch")
+    latent = torch.from_numpy(np.random.default_rng(0).normal(0, 1, (1, 4, 8, 8)).astype(np.float32))
+    with torch.no_grad():
+        plain = effort._decoder_fn(model)(latent)
+        unrestored = effort._pipeline(model, 1.0, restored=False)(latent)
+        restored = effort._pipeline(model, 1.0, restored=True)(latent)
+    assert torch.equal(unrestored, plain)
+    assert float((restored - plain).abs().mean()) > 0.01
 
 
 def test_tiles_blend_without_visible_seams(square: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ MAX_EFFORT = max(ITERATIONS)
 
 
 def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: float | Any, effort: int,
-                  distance: Callable[[Any, Any], Any] | None = None) -> np.ndarray:
+                  distance: Callable[[Any, Any], Any] | None = None, restored: bool = True) -> np.ndarray:
     """Return a latent (same shape) whose quantization at ``step`` decodes closer to ``rgb``.
 
     ``step`` is a uniform step, or the quantizer (``quantize.UniformQuantizer``/``KltQuantizer``)
@@ -28,7 +28,9 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
     ``rgb`` is the (8h, 8w, 3) uint8 image the latent was encoded from (already padded).
     ``distance(decoded, target)``, both (1, 3, H, W) in [-1, 1], is an optional differentiable
     perceptual term added to the squared error, each divided by its value at the first step. The
-    codec passes none; ``benchmarks/perceptual_effort.py`` measures one.
+    codec passes none; ``benchmarks/perceptual_effort.py`` measures one. ``restored``: whether the
+    reader will run the restorer where it is on at this step (a file may say not to; see
+    ``container.FLAG_NO_RESTORATION``), so that the latent is optimised for the decode it will get.
     Deterministic for a given device: no randomness, a fixed iteration count.
     """
     iterations = ITERATIONS[effort]
@@ -43,7 +45,7 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
     round_st = _straight_through(step)
     step = step if isinstance(step, (int, float)) else max(step.steps)  # the decoder's restorer gate
     optimizer = torch.optim.Adam([z], lr=0.1 * step)
-    decode = _pipeline(model, step)
+    decode = _pipeline(model, step, restored)
     best, best_loss, first = start, float("inf"), None
     for _ in range(iterations):
         quantized = round_st(z)
@@ -79,17 +81,18 @@ def _straight_through(step: float | Any) -> Callable[[Any], Any]:
     return lambda z: z + (stored(z) - z).detach()
 
 
-def _pipeline(model: object, step: float):
+def _pipeline(model: object, step: float, restored: bool):
     """What the decoder side will run on the dequantized latent: the restorer where it is on by
-    default at this step, then the decoder; optimising against the decoder alone made effort
-    worse than none at those steps (the restorer then corrects errors the refinement already fixed)."""
+    default at this step (and ``restored``), then the decoder; optimising against the decoder alone
+    made effort worse than none at those steps (the restorer then corrects errors the refinement
+    already fixed), and optimising through a restorer the reader skips made small text worse."""
     import torch
 
     from . import restore
 
     decode = _decoder_fn(model)
     name = model.spec.name  # type: ignore[attr-defined]
-    if not restore.has_restorer(name, step):
+    if not restored or not restore.has_restorer(name, step):
         return decode
     device = torch.device(model.device)  # type: ignore[attr-defined]
     net = restore.restorer_net(name)  # shared, on the CPU: a copy goes to the model's device
