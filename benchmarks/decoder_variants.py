@@ -224,8 +224,9 @@ DESCRIPTIONS = {
     "int8-float-first-last-7bit": "as int8-float-first-last, 7-bit weights (reduce_range)",
     "int8-float-first-last-minmax64": "as int8-float-first-last, ranges from 64 photos",
     "int8-float-stage1-last": "as int8-qdq, the 1/8-resolution stage (layers 0-4) and the last Conv in float32",
-    "int8-codec": "the codec's own int8 graph (`precision=\"int8\"`): int8-float-first-last written by "
-                  "onnx_graphs from the weights and the ranges of training/fit_int8_ranges.py",
+    "int8-codec": "the codec's own int8 graph (`precision=\"int8\"`), written by onnx_graphs from the weights "
+                  "and the ranges of training/fit_int8_ranges.py: the 1/8-resolution stage, the Conv after "
+                  "it and the last Conv in float32",
 }
 
 

@@ -88,7 +88,7 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     payload = container.read_payload(io.BytesIO(data), layout)
     symbols = read.read_symbols(layout, payload)
     latent = read.dequantize(layout, symbols)
-    decoder = pipeline.decoder_for(layout, DecodeOptions())
+    decoder = pipeline.decoder_for(layout, DecodeOptions(precision="float32"))
     cleaned = pipeline.clean_latent(latent, layout, decoder, DecodeOptions())
     rgb = decoder.decode_image(cleaned)
     step = max(read.file_quantizer(layout.header).steps)
@@ -121,20 +121,21 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
                      best_of(lambda: decoder.decode_image(cleaned), repeats), best))
     int8 = _int8_decoder(decoder)
     if int8 is not None:
-        rows.append(_row(f"decoder network ({decoder.runtime}, int8; opt-in: precision='auto' or 'int8')", "decode",
+        rows.append(_row(f"decoder network ({decoder.runtime}, int8; the default where the CPU computes it exactly)",
+                         "decode",
                          best_of(lambda: int8.decode_image(cleaned), repeats), best))
     rows += [
         _row("resampling and mode (full_size, finish_mode)", "decode",
              best_of(lambda: modes.finish_mode(pipeline.full_size(rgb, layout.header), layout, None), repeats), best),
         *whole_file_rows(photo, data, {}, repeats),
     ]
-    if int8 is not None:
-        def load_int8() -> None:
+    if _default_precision(data) != "float32":
+        def load_float32() -> None:
             with Image.open(io.BytesIO(data)) as image:
-                image.decode_options = {"precision": "int8"}
+                image.decode_options = {"precision": "float32"}
                 image.load()
 
-        rows.append(_row("whole load(), warm, precision='int8'", "decode", best_of(load_int8, repeats), best,
+        rows.append(_row("whole load(), warm, precision='float32'", "decode", best_of(load_float32, repeats), best,
                          len(data)))
     return rows, data
 
@@ -183,8 +184,9 @@ def sdl_bytes(photo: Image.Image, options: dict[str, Any]) -> bytes:
 
 
 def whole_file_rows(photo: Image.Image, data: bytes, options: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
-    """Warm ``load()``, thumbnail and ``save()`` of ``data``, the photo saved with ``options``; with
-    options, each stage is labelled with them and with the model and coded size the encoder chose."""
+    """Warm ``load()`` (labelled with the decoder precision the default took), thumbnail and ``save()`` of
+    ``data``, the photo saved with ``options``; with options, each stage is labelled with them and with the
+    model and coded size the encoder chose."""
     label = ""
     if options:
         with Image.open(io.BytesIO(data)) as opened:
@@ -200,11 +202,20 @@ def whole_file_rows(photo: Image.Image, data: bytes, options: dict[str, Any], re
             image.load()
 
     return [
-        _row(f"{label}whole load(), warm", "decode",
+        _row(f"{label}whole load(), warm ({_default_precision(data)})", "decode",
              best_of(lambda: Image.open(io.BytesIO(data)).load(), repeats), best, len(data)),
         _row(f"{label}thumbnail({THUMBNAIL[0]}, {THUMBNAIL[1]}), warm", "decode", best_of(thumbnail, repeats), best),
         _row(f"{label}save(), warm", "encode", best_of(lambda: sdl_bytes(photo, options), repeats), best, len(data)),
     ]
+
+
+def _default_precision(data: bytes) -> str:
+    """The decoder arithmetic a plain ``load()`` of ``data`` takes on this CPU (``precision="auto"``)."""
+    from pillow_sdlatent import pipeline
+    from pillow_sdlatent.options import DecodeOptions
+
+    with Image.open(io.BytesIO(data)) as opened:
+        return pipeline.decoder_for(opened.layout, DecodeOptions()).precision
 
 
 def fresh_process_rows(data: bytes) -> list[dict[str, Any]]:

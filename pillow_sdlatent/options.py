@@ -106,9 +106,10 @@ class DecodeOptions:
     decode with other decoder weights than the file was written with (with a
     warning); ``restore``: the package's latent restorer where it was measured to
     help; ``denoise``: a Stable Diffusion 1.x model whose UNet denoises the latent
-    first, with ``seed``; ``precision``: ``float32`` (the default), ``auto`` (the int8
-    decoder where it was measured and the CPU computes it exactly, else float32; about
-    2.5x faster, opt-in because small text reads worse: docs/fidelity/int8) or ``int8``.
+    first, with ``seed``; ``precision``: ``auto`` (the default: the int8 decoder where
+    it was measured and the CPU computes it exactly, else float32; about 2.2x faster for
+    about 0.03 dB on photos, text read as well: docs/speed/README.md, docs/fidelity/int8),
+    ``float32`` or ``int8``.
     """
 
     model: str | None = None
@@ -118,7 +119,7 @@ class DecodeOptions:
     restore: bool = True
     denoise: str | None = None
     seed: int = 0
-    precision: str = "float32"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model is not None:

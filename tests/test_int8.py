@@ -101,14 +101,16 @@ def test_auto_takes_int8_only_where_the_cpu_computes_it_exactly(monkeypatch: pyt
     assert twin.decoder_digest == model.decoder_digest and twin.spec is model.spec
 
 
-def test_auto_decodes_files_in_int8_with_vnni(monkeypatch: pytest.MonkeyPatch, sdl: bytes) -> None:
+def test_default_decodes_files_in_int8_only_where_exact(monkeypatch: pytest.MonkeyPatch, sdl: bytes) -> None:
     monkeypatch.setattr(ort_engine, "int8_exact", lambda: True)
     auto = np.asarray(pipeline.decode_file(sdl, precision="auto"))
     assert np.array_equal(auto, np.asarray(pipeline.decode_file(sdl, precision="int8")))
+    assert np.array_equal(np.asarray(pipeline.decode_file(sdl)), auto)  # the default
     float32 = np.asarray(pipeline.decode_file(sdl, precision="float32"))
-    assert np.array_equal(np.asarray(pipeline.decode_file(sdl)), float32)  # the default
+    assert not np.array_equal(auto, float32)
     monkeypatch.setattr(ort_engine, "int8_exact", lambda: False)
     assert np.array_equal(np.asarray(pipeline.decode_file(sdl, precision="auto")), float32)
+    assert np.array_equal(np.asarray(pipeline.decode_file(sdl)), float32)  # no exact int8 here: float32
 
 
 def test_ranges_for_other_weights_mean_float32(monkeypatch: pytest.MonkeyPatch) -> None:

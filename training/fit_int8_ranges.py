@@ -4,8 +4,8 @@ The codec's own float32 decoder graph runs with every activation the int8 graph 
 extra output (``onnx_graphs.taesd_decoder_taps``), over the latents of 16 training photos outside the
 held-out split of ``benchmarks/decoder_variants.py`` (its ``calibration_paths``; NOT Kodak), each
 centre-cropped to 384x256 and saved at the default quality, as the decoder gets them on decode. Each
-activation's range is its min and max over all of them (MinMax calibration), the recipe
-``int8-float-first-last`` of docs/speed/variants.md. Writes pillow_sdlatent/weights/int8_ranges.json with
+activation's range is its min and max over all of them (MinMax calibration), as the recipe
+``int8-float-first-last`` of docs/speed/variants.md does. Writes pillow_sdlatent/weights/int8_ranges.json with
 the decoder digest of the weights the ranges belong to (the codec decodes in int8 only with those).
 Deterministic; about a minute on 2 CPU cores:
 

@@ -98,11 +98,11 @@ class LatentModel:
         """This model decoding in ``precision`` (``options.PRECISIONS``): itself in float32, else a twin, built
         once, that shares its weights and encoder and decodes with the int8 graph (``onnx_graphs``).
 
-        Why: int8 decodes ``taesd`` 2.5x faster for about 0.05 dB on photos (docs/speed/variants.md; flat
-        saturated colours lose up to about 1 dB, and small text reads worse: docs/fidelity/int8, so it is
-        opt-in). ``auto`` takes it
-        only where that measurement holds and the CPU computes it exactly: ONNX Runtime on the CPU, ranges
-        fitted for these very decoder weights, and ``ort_engine.int8_exact``. ``int8`` insists (``ValueError``
+        Why: int8 decodes ``taesd`` about 2.2x faster for about 0.03 dB on photos, with text read as well
+        (docs/speed/int8_codec, docs/fidelity/int8; flat colours lose 0.2-0.9 dB: benchmarks/int8_flat.py).
+        ``auto``, the decode default, takes it only where that measurement holds and the CPU computes it
+        exactly: ONNX Runtime on the CPU, ranges fitted for these very decoder weights, and
+        ``ort_engine.int8_exact``. ``int8`` insists (``ValueError``
         where there are no ranges for these weights, or no ONNX Runtime); ``float32`` never takes it.
         """
         if precision not in PRECISIONS:

@@ -265,6 +265,11 @@ def taesd_decoder(weights: Mapping[str, np.ndarray], graph: GraphBuilder | None 
 #: its weights or output costs the most PSNR for the least time (the first Conv stays float32 too: it reads
 #: the latent, which is never tapped)
 INT8_FLOAT_LAYERS = frozenset({"decoder.layers.18"})
+#: the int8 decoder rounds no activation of a layer before this one: the 1/8-resolution stage (layers 0-5)
+#: and the Conv after its upsampling run in float32. They are 1.5% of the work; rounded, they cost flat
+#: colours about twice the PSNR (a constant rounding error there becomes a colour shift of the whole
+#: area) and small text some legibility (docs/speed/README.md)
+INT8_FIRST_ROUNDED_LAYER = 6
 Ranges = Mapping[str, Sequence[float]]  # (min, max) per tapped activation
 
 
@@ -319,6 +324,8 @@ class _Int8(GraphBuilder):
     def tap(self, name: str, x: str) -> str:
         if name not in self._ranges:
             raise ValueError(f"no int8 range for {name!r}")
+        if _layer_index(name) < INT8_FIRST_ROUNDED_LAYER:
+            return x  # unrounded, so the Convs that read it stay float32
         scale, zero_point = activation_quantization(*self._ranges[name])
         parameters = [self.constant(f"{name}.scale", np.array(scale, np.float32)),
                       self.constant(f"{name}.zero_point", np.array(zero_point, np.uint8))]
@@ -345,6 +352,11 @@ class _Int8(GraphBuilder):
                                               self.constant(f"{name}.scale", scale),
                                               self.constant(f"{name}.zero_point", np.zeros(len(values), values.dtype))],
                          axis=0)
+
+
+def _layer_index(name: str) -> int:
+    """The index of the decoder layer a tapped activation belongs to ("decoder.layers.12.conv.3" -> 12)."""
+    return int(name.split(".")[2])
 
 
 def taesd_decoder_int8(weights: Mapping[str, np.ndarray], ranges: Ranges) -> bytes:
