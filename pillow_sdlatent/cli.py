@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("inputs", nargs="+", type=Path)
     decode.add_argument("--format", default="png", help="output extension (default: %(default)s)")
     decode.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="decoder arithmetic: float32, auto (int8, about 2.5x faster, where it is measured "
+                        help="decoder arithmetic: float32, auto (int8, about 2.2x faster, where it is measured "
                              "and exact on this CPU) or int8 (default: %(default)s)")
     model_options(decode, "the file's own")
     decode.set_defaults(run=cmd_decode)

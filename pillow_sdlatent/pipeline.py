@@ -54,13 +54,18 @@ class _EncodeJob:
 
         return has_restorer(self.options.model, max(quantizer.steps)) and self.fine_detail()
 
-    def refined(self, latent: np.ndarray, quantizer: quantize.Quantizer) -> np.ndarray:
-        """The effort's latent, optimised through what the reader will run on this file."""
+    def quantizer_at(self, step: float, latent: np.ndarray) -> quantize.Quantizer:
+        """The quantizer a file of ``latent`` at ``step`` is stored with."""
+        return quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed)
+
+    def refined(self, latent: np.ndarray, step: float) -> np.ndarray:
+        """The effort's latent for ``step``, optimised through what the reader will run on that file."""
+        quantizer = self.quantizer_at(step, latent)
         return effort.refine_latent(self.model, latent, self.rgb, quantizer, self.options.effort,
                                     restored=not self.restoration_off(quantizer))
 
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
-        quantizer = quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed)
+        quantizer = self.quantizer_at(step, latent)
         no_restoration = self.restoration_off(quantizer)
         symbols = quantizer.quantize(latent)
         coder = coders.get_coder(self.options.coder)
@@ -81,11 +86,10 @@ class _EncodeJob:
         if target is None:
             quality_step = rate.step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
             step = rate.step_at_scale(quality_step, self.scale, options.model)
-            quantizer = quantize.quantizer_for(options.model, step, latent.shape[0], self.detailed)
-            return self.file_for(self.refined(latent, quantizer), step)
+            return self.file_for(self.refined(latent, step), step)
         data, step = rate.fit_rate(lambda step: self.file_for(latent, step), target)
         if options.effort:
-            latent = self.refined(latent, quantize.quantizer_for(options.model, step, latent.shape[0], self.detailed))
+            latent = self.refined(latent, step)
             data, _ = rate.fit_rate(lambda step: self.file_for(latent, step), target)
         return data
 
