@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pillow_sdlatent.core.coders import ZstdCoder, ctx1, ctx2
 from pillow_sdlatent.core.coders.ctx1 import ContextCoder
-from pillow_sdlatent.core.coders.ctx2 import CHANNELS, LearnedContextCoder
+from pillow_sdlatent.core.coders.ctx2 import NETWORKS, LearnedContextCoder
 from pillow_sdlatent.core.quantize import DEFAULT_STEP, UniformQuantizer
 from pillow_sdlatent.models import load_model
 from pillow_sdlatent.pipeline import padded_rgb
@@ -43,7 +43,8 @@ def main() -> None:
             latents.append(model.encode_image(padded_rgb(image.convert("RGB"))))
             pixels.append(image.width * image.height)
     zstd = ZstdCoder()
-    coders = [LearnedContextCoder(), ContextCoder()] if latents[0].shape[0] == CHANNELS else [ContextCoder()]
+    learned = latents[0].shape[0] == NETWORKS["ctx2"].channels  # ctx3 codes klt components, not raw latents
+    coders = [LearnedContextCoder("ctx2"), ContextCoder()] if learned else [ContextCoder()]
     print(f"\n{args.model}, {len(files)} images from {args.images}\n")
     layouts = {"ctx2": ctx2._layout, "ctx1": ctx1._layout}
     print("| step | coder | zstd bytes/img | bytes/img (params+payload) | saving over zstd | bpp "

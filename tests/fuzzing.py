@@ -36,6 +36,7 @@ from typing import Any
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pillow_sdlatent.core import coders, container
+from pillow_sdlatent.core.registry import DEFAULT_MODEL, get_spec
 
 PACKAGE_DIR = str(Path(container.__file__).resolve().parent)
 ACTIONS = ("load", "verify", "load_truncated", "thumbnail")
@@ -90,8 +91,10 @@ def make_seeds() -> dict[str, bytes]:
     specs.append(("rgb-24x16-scaled", base, {"scale": 0.5}))  # version 2: the latent codes a 12x8 image
     for name, image, options in specs[:]:
         if name in ("rgb-16x16", "la-8x16", "rgba-16x16-meta", "taesd3-8x8"):
+            model = str(options.get("model", DEFAULT_MODEL))
             specs += [(f"{name}-{coder}", image, {**options, "coder": coder})
-                      for coder in sorted(set(coders.CODERS) - {coders.DEFAULT_CODER})]
+                      for coder in sorted(set(coders.CODERS) - {coders.default_coder(model)})
+                      if coders.codes_channels(coder, get_spec(model).channels)]
     seeds = {}
     for name, image, options in specs:
         buffer = io.BytesIO()

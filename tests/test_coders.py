@@ -19,7 +19,7 @@ from tests import coding
 from tests.coding import sample_symbols
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "kodak_taesd_symbols.npz"
-CODERS = {"ctx1": ContextCoder(), "ctx2": LearnedContextCoder()}
+CODERS = {"ctx1": ContextCoder(), "ctx2": LearnedContextCoder("ctx2")}
 SHAPES = [(1, 1, 1), (1, 1, 9), (1, 7, 1), (2, 5, 4), (16, 3, 5), (4, 1, 1), (4, 7, 1), (4, 5, 4), (4, 13, 21),
           (4, 40, 3), (16, 9, 11)]
 

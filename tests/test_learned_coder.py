@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from pillow_sdlatent.once import LoadOnce
 from tests.coding import round_trip, sample_symbols
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "kodak_taesd_symbols.npz"
-CODER = LearnedContextCoder()
+CODER = LearnedContextCoder("ctx2")
 
 
 def test_escapes_in_a_smooth_latent_stay_cheap() -> None:
@@ -98,13 +99,14 @@ def test_float32_products_only_where_provably_exact() -> None:
 
 def test_shipped_weights_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A weights file other than the one the format was frozen with is refused, not used."""
-    assert hashlib.sha256(ctx2.WEIGHTS_FILE.read_bytes()).hexdigest() == ctx2.WEIGHTS_SHA256
+    for network in ctx2.NETWORKS.values():
+        assert hashlib.sha256(network.file.read_bytes()).hexdigest() == network.sha256
     tampered = tmp_path / "ctx2.safetensors"
-    shutil.copy(ctx2.WEIGHTS_FILE, tampered)
+    shutil.copy(ctx2.NETWORKS["ctx2"].file, tampered)
     data = bytearray(tampered.read_bytes())
     data[-1] ^= 1
     tampered.write_bytes(bytes(data))
-    monkeypatch.setattr(ctx2, "WEIGHTS_FILE", tampered)
+    monkeypatch.setitem(ctx2.NETWORKS, "ctx2", replace(ctx2.NETWORKS["ctx2"], file=tampered))
     monkeypatch.setattr(ctx2, "_loaded", LoadOnce())
     with pytest.raises(OSError, match="reinstall"):
         CODER.decode(bytes.fromhex(GOLDEN_PARAMS), bytes.fromhex(GOLDEN_PAYLOAD), (4, 6, 7))

@@ -184,15 +184,17 @@ def test_high_rates_pick_the_model_that_wins_there(square: Image.Image) -> None:
 
 def test_a_named_four_channel_coder_keeps_the_four_channel_model(square: Image.Image) -> None:
     """ctx2 codes 4-channel latents only: naming it keeps taesd where taesd3 would win; the other
-    coders follow the model picked."""
+    coders follow the model picked, and taesd3's own default is ctx3."""
     with Image.open(io.BytesIO(encoded(square, quality=95, coder="ctx2"))) as image:
         assert (image.info["sdl"]["model"], image.info["sdl"]["coder"]) == ("taesd", "ctx2")
     with Image.open(io.BytesIO(encoded(square, quality=95, coder="zstd"))) as image:
         assert (image.info["sdl"]["model"], image.info["sdl"]["coder"]) == ("taesd3", "zstd")
     with Image.open(io.BytesIO(encoded(square, quality=95))) as image:
-        assert (image.info["sdl"]["model"], image.info["sdl"]["coder"]) == ("taesd3", "ctx1")
+        assert (image.info["sdl"]["model"], image.info["sdl"]["coder"]) == ("taesd3", "ctx3")
     with pytest.raises(ValueError, match="4-channel"):
         encoded(square, model="taesd3", coder="ctx2")
+    with pytest.raises(ValueError, match="16-channel"):
+        encoded(square, model="taesd", coder="ctx3")
 
 
 class _SizeCurve:

@@ -152,7 +152,7 @@ def test_clear_cache_frees_and_reloads(photo: Image.Image) -> None:
     before = load_model("taesd")
     latent = before.encode_image(rgb)
     restore.restore_latent(latent, 1.0, "taesd")
-    ctx2._net()
+    ctx2._net("ctx2")
     pillow_sdlatent.clear_cache()
     assert not restore._loaded.items and not ctx2._loaded.items
     after = load_model("taesd")

@@ -25,6 +25,7 @@ EXPECTED = {
     "taesd_ctx2_scaled": ((2, 0), "taesd", "ctx2", "RGB", (4, 6, 8)),
     "taesd3_ctx1_rgb": ((1, 0), "taesd3", "ctx1", "RGB", (16, 6, 8)),
     "taesd3_klt_ctx1_rgb": ((1, 0), "taesd3", "ctx1", "RGB", (16, 6, 8)),
+    "taesd3_klt_ctx3_rgb": ((1, 0), "taesd3", "ctx3", "RGB", (16, 6, 8)),
 }
 
 

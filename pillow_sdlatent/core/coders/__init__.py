@@ -14,6 +14,7 @@ import numpy as np
 import zstandard
 
 from .ctx1 import ContextCoder
+from .ctx2 import NETWORKS as LEARNED_NETWORKS
 from .ctx2 import LearnedContextCoder
 
 
@@ -91,12 +92,14 @@ def zstd_decompress_exact(frame: bytes, size: int) -> bytes:
 
 
 CODERS: dict[str, EntropyCoder] = {
-    coder.name: coder for coder in (ZstdCoder(), ContextCoder(), LearnedContextCoder())
+    coder.name: coder
+    for coder in (ZstdCoder(), ContextCoder(), *(LearnedContextCoder(name) for name in LEARNED_NETWORKS))
 }
 #: the default coder per model: ctx2's network learned TAESD latents of photos (26.1% fewer payload
-#: bytes than zstd at the default quality on Kodak, against ctx1's 19.1%); ctx1 fits any latent per
-#: image. sd-vae shares TAESD's latent space, but ctx2 was never measured on its latents here.
-DEFAULT_CODERS = {"taesd": LearnedContextCoder.name}
+#: bytes than zstd at the default quality on Kodak, against ctx1's 19.1%), ctx3's taesd3 latents in klt
+#: components (training/README.md); ctx1 fits any latent per image. sd-vae shares TAESD's latent
+#: space, but ctx2 was never measured on its latents here.
+DEFAULT_CODERS = {"taesd": "ctx2", "taesd3": "ctx3"}
 FALLBACK_CODER = ContextCoder.name
 #: the default coder of the default model
 DEFAULT_CODER = DEFAULT_CODERS["taesd"]

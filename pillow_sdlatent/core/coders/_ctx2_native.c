@@ -38,6 +38,7 @@
 #define ACT_LIMIT 65535.0
 #define INPUT_LIMIT 4096        /* network inputs: latent units * 2**8, clamped */
 #define FEATURE_SHIFT 8         /* STEP_BITS - INPUT_BITS */
+#define WINDOW_CHANNELS 3       /* a channel reads windows of the first min(channel, 3) channels */
 #define MU_SHIFT 6              /* STEP_BITS + MU_BITS - ACC_BITS */
 #define MU_LIMIT (32767 * 256)  /* MAX_SYMBOL << MU_BITS */
 #define LOG_SCALE_SHIFT 14      /* ACC_BITS - log2(LOG_SCALE_STEPS) */
@@ -99,11 +100,12 @@ static inline int64_t floor_div(int64_t a, int64_t b) {
 static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 typedef struct {
-    Py_ssize_t hidden, mixtures, n_same, n_window, n_inv, n_exp, n_sig;
+    Py_ssize_t hidden, mixtures, channels, n_same, n_window, n_inv, n_exp, n_sig;
     int64_t step_fx, log_scale_min, radius, lanes, plane;
     const int64_t *same_taps, *window_taps; /* flat offsets: own-channel taps, one earlier channel's window */
     const float *w1_single, *w2_single;     /* the two hidden layers' weights as floats, for the float runs */
-    const double *w1, *w1_row_max, *bias1;  /* (n_same + 3 n_window) x hidden, its rows' max |w|, channels x hidden */
+    const double *w1, *w1_row_max, *bias1;  /* (n_same + WINDOW_CHANNELS n_window) x hidden, its rows' max |w|,
+                                               channels x hidden */
     const double *w2, *w2_row_max, *b2;     /* hidden x hidden, its rows' max |w|, hidden */
     double *w3;                             /* hidden x OUT_PAD, padded with zeros */
     const double *b3;
@@ -415,7 +417,7 @@ typedef struct {
 } Latent;
 
 /* Row r of `in`: the nonzero network inputs of the symbol at `pos` of channel `ch`, own-channel taps
- * first, then the windows of the earlier channels */
+ * first, then the windows of the first min(ch, WINDOW_CHANNELS) channels */
 static void gather_inputs(const Net *net, const double *features, int64_t pos, int64_t ch, Sparse *in, Py_ssize_t r,
                           float *x, int32_t *row_of) {
     Py_ssize_t n = 0;
@@ -423,7 +425,7 @@ static void gather_inputs(const Net *net, const double *features, int64_t pos, i
         x[n] = (float)features[pos + net->same_taps[t]];
         row_of[n] = (int32_t)t;
     }
-    for (int64_t p = 0; p < ch; p++) {
+    for (int64_t p = 0; p < ch && p < WINDOW_CHANNELS; p++) {
         const double *window = features + pos + (p - ch) * net->plane;
         int32_t first = (int32_t)(net->n_same + p * net->n_window);
         for (Py_ssize_t t = 0; t < net->n_window; t++, n++) {
@@ -472,7 +474,7 @@ typedef struct {
 } Work;
 
 static int work(Work *w, const Net *net, Py_ssize_t rows) {
-    Py_ssize_t hidden = net->hidden, n_inputs = net->n_same + 3 * net->n_window;
+    Py_ssize_t hidden = net->hidden, n_inputs = net->n_same + WINDOW_CHANNELS * net->n_window;
     w->rows = rows;
     w->in = sparse(rows, n_inputs);
     w->act = sparse(rows, hidden);
@@ -676,8 +678,8 @@ static int checked_layout(const Net *net, const Latent *lat, Py_ssize_t n_pos, P
     }
     for (Py_ssize_t i = 0; i < n_pos; i++) {
         int64_t p = lat->pos[i], ch = lat->chan[i];
-        if (ch < 0 || ch > 3 || p + lo < 0 || p + hi >= n_flat || (ch > 0 && p - ch * net->plane + window_lo < 0)
-            || (ch > 0 && p - net->plane + window_hi >= n_flat))
+        if (ch < 0 || ch >= net->channels || p + lo < 0 || p + hi >= n_flat
+            || (ch > 0 && p - ch * net->plane + window_lo < 0) || (ch > 0 && p - net->plane + window_hi >= n_flat))
             return 0;
     }
     for (Py_ssize_t w = 0, end = 0; lat->steps && w < lat->n_waves; w++) {
@@ -730,11 +732,12 @@ static int parse_net(PyObject *tuple, Net *net, NetData *d) {
     net->step_fx = step_fx;
     net->log_scale_min = log_scale_min;
     net->plane = plane;
-    Py_ssize_t hidden = net->hidden, n_inputs = net->n_same + 3 * net->n_window;
+    Py_ssize_t hidden = net->hidden, n_inputs = net->n_same + WINDOW_CHANNELS * net->n_window;
+    net->channels = hidden ? v[BIAS1].len / (Py_ssize_t)sizeof(double) / hidden : 0;
     if (!(sized(&v[W1S], n_inputs * hidden, sizeof(float), "w1_single")
           && sized(&v[W1], n_inputs * hidden, sizeof(double), "w1")
           && sized(&v[W1MAX], n_inputs, sizeof(double), "w1_row_max")
-          && sized(&v[BIAS1], 4 * hidden, sizeof(double), "bias1")
+          && net->channels >= 1 && sized(&v[BIAS1], net->channels * hidden, sizeof(double), "bias1")
           && sized(&v[W2S], hidden * hidden, sizeof(float), "w2_single")
           && sized(&v[W2], hidden * hidden, sizeof(double), "w2")
           && sized(&v[W2MAX], hidden, sizeof(double), "w2_row_max")

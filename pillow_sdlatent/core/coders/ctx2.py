@@ -1,10 +1,13 @@
-"""Learned context coder for TAESD (SD 1.x) latents ("ctx2"): a small integer network picks every probability.
+"""Learned context coders ("ctx2", "ctx3"): a small integer network picks every probability.
 
 Each symbol's distribution is a mixture of discretised logistics whose parameters an MLP computes
 from already-decoded symbols: a causal 4x7 window of its own channel and a 7x7 window, centred on
-it, of every earlier channel (channels are coded one after another). The MLP was trained on photos
-outside the test sets (``training/train_ctx2.py``) and ships inside the package; per image, the file
-stores only two bytes: the conditioning step the encoder found best and the window radius.
+it, of each of the first three channels coded before it (channels are coded one after another). The
+coders differ only in their network, which ships inside the package (``NETWORKS``): ``ctx2`` codes
+4-channel TAESD (SD 1.x) latents, ``ctx3`` 16-channel taesd3 latents as the ``klt`` quantizer codes
+them (components, strongest first, so the windows are of the three strongest). Each network was
+trained on photos outside the test sets (``training/train_ctx2.py``); per image, the file stores only
+two bytes: the conditioning step the encoder found best and the window radius.
 
 Everything a probability depends on is integer arithmetic: integer weights, shifts, clamps and
 lookup tables. The matrix products run as float64 BLAS calls on integer values (scaled by powers
@@ -28,6 +31,7 @@ import functools
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -60,19 +64,38 @@ def _cores() -> int:
 
 #: threads the C network runs on (the symbols are the same for any count): two where a second core is free to take
 NATIVE_THREADS = min(2, _cores())
-WEIGHTS_FILE = WEIGHTS_DIR / "ctx2_sd1.safetensors"
-#: SHA-256 of WEIGHTS_FILE: a file coded with other weights would decode to garbage, so refuse them
-WEIGHTS_SHA256 = "d721061b26e0b1eafa70ff9a6f660748e34aecdf2f185d1db49964c05414022a"
-CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class Network:
+    """A shipped network: the one coder name it serves stands for exactly these weights (FORMAT.md)."""
+
+    file: Path
+    #: SHA-256 of ``file``: a file coded with other weights would decode to garbage, so refuse them
+    sha256: str
+    channels: int
+    #: RMS of its training latents in latent units: the encoder's first guess at the conditioning step
+    latent_rms: float
+
+
+#: coder name -> its network: SD 1.x TAESD latents; taesd3 latents as klt components over their step weights
+NETWORKS: dict[str, Network] = {
+    "ctx2": Network(WEIGHTS_DIR / "ctx2_sd1.safetensors",
+                    "d721061b26e0b1eafa70ff9a6f660748e34aecdf2f185d1db49964c05414022a", 4, 0.8),
+    "ctx3": Network(WEIGHTS_DIR / "ctx3_sd3.safetensors",
+                    "3e599c5a73935ecc29f1d364da3a901a5a06476253d43ba69e20bcc330a16e66", 16, 0.71),
+}
+#: a channel reads windows of the first min(channel, WINDOW_CHANNELS) channels
+WINDOW_CHANNELS = 3
 #: causal taps of the symbol's own channel (dy, dx); WAVE_SLOPE * dy + dx < 0 for each
 SAME_TAPS = tuple((dy, dx) for dy in range(-3, 1) for dx in range(-3, 4) if dy < 0 or dx < 0)
 WAVE_SLOPE = 4
 PREV_RADIUS = 3  # earlier channels contribute a (2r+1)^2 window centred on the symbol
 PAD = 3
-#: the network's inputs per channel: own-channel taps, then the windows of channels 0 .. CHANNELS-2
+#: the network's inputs per channel: own-channel taps, then the windows of channels 0 .. WINDOW_CHANNELS-1
 PREV_TAPS = tuple((dy, dx) for dy in range(-PREV_RADIUS, PREV_RADIUS + 1)
                   for dx in range(-PREV_RADIUS, PREV_RADIUS + 1))
-N_INPUTS = len(SAME_TAPS) + (CHANNELS - 1) * len(PREV_TAPS)
+N_INPUTS = len(SAME_TAPS) + WINDOW_CHANNELS * len(PREV_TAPS)
 
 # fixed-point layout (FORMAT.md "ctx2"): values in units of 2**-k
 STEP_BITS = 16  # STEP_TABLE[cond] = round(2**((cond - COND_ZERO) / 16) * 2**16)
@@ -101,7 +124,7 @@ class _Net:
     # float64: the file's integers (units below), w1, b1, w_cond, w2 and b2 multiplied by 2**-WEIGHT_BITS
     # (exact), so that the hidden layers' pre-activations come out in activation units, ready for floor
     w1: np.ndarray  # (N_INPUTS, H) units 2**-WEIGHT_BITS
-    b1: np.ndarray  # (CHANNELS, H), units 2**-ACC_BITS (channel one-hot folded in)
+    b1: np.ndarray  # (channels, H), units 2**-ACC_BITS (channel one-hot folded in)
     w_cond: np.ndarray  # (H,), per 1/16 of log2(step), units 2**-ACC_BITS
     w2: np.ndarray  # (H, H)
     b2: np.ndarray  # (H,)
@@ -127,9 +150,9 @@ class _Net:
 _loaded = LoadOnce()
 
 
-def _net() -> _Net:
-    """The shipped network, loaded and checked once (thread-safe)."""
-    return _loaded.get(("net",), _load_net)
+def _net(name: str) -> _Net:
+    """The shipped network of coder ``name``, loaded and checked once (thread-safe)."""
+    return _loaded.get(("net", name), lambda: _load_net(NETWORKS[name]))
 
 
 def clear_cache() -> list[_Net]:
@@ -142,15 +165,16 @@ def clear_cache() -> list[_Net]:
     return dropped
 
 
-def _load_net() -> _Net:
+def _load_net(network: Network) -> _Net:
     from safetensors.numpy import load
 
-    data = WEIGHTS_FILE.read_bytes()
-    if WEIGHTS_SHA256 and hashlib.sha256(data).hexdigest() != WEIGHTS_SHA256:
-        raise OSError(f"{WEIGHTS_FILE} is not the ctx2 network this build was made with; reinstall the package")
+    path = network.file
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != network.sha256:
+        raise OSError(f"{path} is not the context network this build was made with; reinstall the package")
     t = {k: v.astype(np.int64) for k, v in load(data).items()}
     hidden, outputs = t["w3"].shape
-    shapes = {"w1": (N_INPUTS, hidden), "b1": (CHANNELS, hidden), "w_cond": (hidden,), "w2": (hidden, hidden),
+    shapes = {"w1": (N_INPUTS, hidden), "b1": (network.channels, hidden), "w_cond": (hidden,), "w2": (hidden, hidden),
               "b2": (hidden,), "b3": (outputs,), "step_table": (256,), "sigmoid": (2 * SIG_HALF + 1,),
               "exp_table": (256,), "log_scale_min": (1,)}
     sig, exp_table, inv = t["sigmoid"], t["exp_table"], t["inv_scale"]
@@ -161,7 +185,7 @@ def _load_net() -> _Net:
         and inv.min() > 0 and inv.max() <= 1 << 24 and t["step_table"].min() > 0 and t["step_table"].max() < 1 << 24
     )
     if not valid:
-        raise OSError(f"{WEIGHTS_FILE} does not hold a valid ctx2 network")
+        raise OSError(f"{path} does not hold a valid context network")
     # the bound behind the float64 products: |inputs| * |weights| summed over a row stays far below 2**53
     bounds = (
         INPUT_LIMIT * int(np.abs(t["w1"]).sum(0).max()) + int(np.abs(t["b1"]).max())
@@ -170,7 +194,7 @@ def _load_net() -> _Net:
         ACT_LIMIT * int(np.abs(t["w3"]).sum(0).max()) + int(np.abs(t["b3"]).max()),
     )
     if max(bounds) >= EXACT_LIMIT >> 8 or max(np.abs(t[k]).max() for k in ("w1", "w2")) >= SINGLE_EXACT_LIMIT:
-        raise OSError(f"{WEIGHTS_FILE} holds weights too large for exact arithmetic")
+        raise OSError(f"{path} holds weights too large for exact arithmetic")
     exact = {k: t[k] * 2.0**-WEIGHT_BITS for k in ("w1", "b1", "w_cond", "w2", "b2")}
     exact.update({k: t[k].astype(np.float64) for k in ("w3", "b3")})
     return _Net(**exact, step_table=t["step_table"], inv_scale=inv, log_scale_min=int(t["log_scale_min"][0]),
@@ -284,10 +308,11 @@ class _Model:
     bias1: tuple[np.ndarray, ...]  # per channel, units of activations
 
     @classmethod
-    def build(cls, lay: WavefrontLayout, cond: int) -> _Model:
-        net = _net()
+    def build(cls, lay: WavefrontLayout, cond: int, name: str) -> _Model:
+        net = _net(name)
         cond_bias = net.w_cond * (cond - COND_ZERO)
-        prev_taps = tuple(lay.offsets((prev - ch, dy, dx) for prev in range(ch) for dy, dx in PREV_TAPS)
+        prev_taps = tuple(lay.offsets((prev - ch, dy, dx) for prev in range(min(ch, WINDOW_CHANNELS))
+                                      for dy, dx in PREV_TAPS)
                           for ch in range(lay.shape[0]))
         return cls(net, lay, int(net.step_table[cond]), lay.offsets((0, dy, dx) for dy, dx in SAME_TAPS),
                    prev_taps, tuple(net.b1[ch] + cond_bias for ch in range(lay.shape[0])))
@@ -378,8 +403,8 @@ DECODE_BLOCK = 1 << 14  # symbols whose earlier-channel share of the first layer
 class _Decoding:
     """The model state while decoding: symbols and network inputs so far (``WavefrontModel``)."""
 
-    def __init__(self, model: _Model, radius: int) -> None:
-        self.model, self.radius = model, radius
+    def __init__(self, model: _Model, radius: int, name: str) -> None:
+        self.model, self.radius, self.name = model, radius, name
         lay = model.lay
         self.sym = np.zeros(lay.shape[0] * lay.plane, dtype=np.int64)
         self.feat = np.zeros(self.sym.shape, dtype=np.float64)
@@ -413,7 +438,7 @@ class _Decoding:
     def decode_native(self, payload: bytes, partial: bool) -> None:
         """Decode every wavefront in one call of the C decoder: the symbols ``decode_wavefronts``
         would give, and the same errors (``TruncatedStreamError`` where the stream ends early)."""
-        model, lay, name = self.model, self.model.lay, "ctx2 coder"
+        model, lay, name = self.model, self.model.lay, self.name
         state, words = read_stream(payload, lay.lanes, lay.pos.size, name, partial)
         words_read, status = native.decode(np.asarray(lay.steps, dtype=np.int64), lay.pos, lay.chan, self.sym,
                                            self.feat, state, words, model.native_net, self.radius, lay.lanes,
@@ -436,7 +461,6 @@ _NATIVE_ERRORS: dict[int, tuple[type[ValueError], str]] = {
 
 COND_SAMPLES = 1 << 9  # symbols per channel the encoder scores each conditioning step on
 COND_PROBES = (8, 4, 2, 1)  # search around the guess, halving the stride
-LATENT_RMS = 0.8  # of the TAESD latents of the training photos
 ESCAPE_BITS = 32  # about what an escape costs (FORMAT.md: 11 + 5 + its bits)
 
 
@@ -452,38 +476,42 @@ def _window_radius(distance: np.ndarray) -> int:
     return int(radii[np.argmin(bits)])
 
 
-def _guess_cond(sym3: np.ndarray) -> int:
-    """Conditioning index of the step that gives these symbols the spread of a TAESD latent.
+def _guess_cond(sym3: np.ndarray, latent_rms: float) -> int:
+    """Conditioning index of the step that gives these symbols the spread ``latent_rms`` of the network's
+    training latents.
 
     The spread ignores the largest 0.1% of values, so that a few outliers do not move it.
     """
     magnitude = np.abs(sym3.astype(np.float64))
     spread = float(np.sqrt(np.mean(np.square(np.minimum(magnitude, np.percentile(magnitude, 99.9)))))) or 1.0
-    return int(np.clip(np.rint(16 * np.log2(LATENT_RMS / spread)) + COND_ZERO, 0, 255))
+    return int(np.clip(np.rint(16 * np.log2(latent_rms / spread)) + COND_ZERO, 0, 255))
 
 
 class LearnedContextCoder:
-    """Integer MLP context model; about 26% smaller than ``ZstdCoder`` on TAESD latents of photos."""
+    """Integer MLP context model; ``ctx2`` is about 26% smaller than ``ZstdCoder`` on TAESD latents of photos."""
 
-    name = "ctx2"
-    channels = CHANNELS
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.channels = NETWORKS[name].channels
 
-    @staticmethod
-    def prepare() -> None:
+    def prepare(self) -> None:
         """Load and check the network now (``OSError`` if it is missing or not the shipped one)."""
-        _net()
+        _net(self.name)
+
+    def _check_channels(self, channels: int) -> None:
+        if channels != self.channels:
+            raise ValueError(f"{self.name} codes {self.channels}-channel latents only, not {channels}")
 
     def encode(self, symbols: np.ndarray) -> tuple[bytes, bytes]:
-        sym3 = checked_symbols(symbols, "ctx2 coder")
-        if sym3.shape[0] != CHANNELS:
-            raise ValueError(f"ctx2 codes {CHANNELS}-channel latents only, not {sym3.shape[0]}")
+        sym3 = checked_symbols(symbols, f"{self.name} coder")
+        self._check_channels(sym3.shape[0])
         if sym3.size == 0:
             return b"", b""
         ch, h, w = sym3.shape
         lay = _layout((ch, h, w))
         sym = lay.padded(sym3)
-        cond = self._choose_cond(sym, lay, _guess_cond(sym3))
-        model = _Model.build(lay, cond)
+        cond = self._choose_cond(sym, lay, _guess_cond(sym3, NETWORKS[self.name].latent_rms))
+        model = _Model.build(lay, cond, self.name)
         feat = _features(sym, model.step_fx)
         per_channel = [lay.pos[c * h * w : (c + 1) * h * w] for c in range(ch)]
         mixes = [model.mixture_all(feat, pos, c) for c, pos in enumerate(per_channel)]
@@ -496,15 +524,14 @@ class LearnedContextCoder:
         enc.code(lay.steps, start, freq, excess)
         return bytes([cond, radius]), enc.getvalue()
 
-    @staticmethod
-    def _choose_cond(sym: np.ndarray, lay: WavefrontLayout, guess: int) -> int:
+    def _choose_cond(self, sym: np.ndarray, lay: WavefrontLayout, guess: int) -> int:
         """The conditioning step that codes a sample of the symbols shortest (a per-image fit)."""
         ch, h, w = lay.shape
         sample = np.linspace(0, h * w - 1, min(h * w, COND_SAMPLES)).astype(np.int64)
         per_channel = [lay.pos[c * h * w + sample] for c in range(ch)]
 
         def bits(cond: int) -> float:
-            model = _Model.build(lay, cond)
+            model = _Model.build(lay, cond, self.name)
             feat = _features(sym, model.step_fx)
             total = 0.0
             for c, pos in enumerate(per_channel):
@@ -523,19 +550,18 @@ class LearnedContextCoder:
 
     def decode(self, params: bytes, payload: bytes, shape: tuple[int, int, int], partial: bool = False) -> np.ndarray:
         ch, h, w = checked_shape(shape)
-        if ch != CHANNELS:
-            raise ValueError(f"ctx2 codes {CHANNELS}-channel latents only, not {ch}")
+        self._check_channels(ch)
         if h * w == 0:
             if params or payload:
-                raise ValueError("ctx2 coder data for an empty latent")
+                raise ValueError(f"{self.name} coder data for an empty latent")
             return np.zeros((ch, h, w), dtype=np.int32)
         if len(params) != 2 or not 1 <= params[1] <= MAX_RADIUS:
-            raise ValueError("bad ctx2 coder parameters")
+            raise ValueError(f"bad {self.name} coder parameters")
         cond, radius = params
         lay = _layout((ch, h, w))
-        decoding = _Decoding(_Model.build(lay, cond), radius)
+        decoding = _Decoding(_Model.build(lay, cond, self.name), radius, f"{self.name} coder")
         if native is None:
-            decode_wavefronts(payload, lay, decoding, "ctx2 coder", partial)
+            decode_wavefronts(payload, lay, decoding, decoding.name, partial)
         else:
             try:
                 decoding.decode_native(payload, partial)
