@@ -102,9 +102,9 @@ def sdl_stages(photo: Image.Image, repeats: int) -> tuple[list[dict[str, Any]], 
     ]
     if _has_native(layout):
         rows += [
-            _row("entropy decode (ctx2, C, one thread)", "decode",
+            _row(f"entropy decode ({layout.header.coder}, C, one thread)", "decode",
                  _ctx2_seconds(layout, payload, repeats, threads=1), best),
-            _row("entropy decode (ctx2, numpy loop: an install without a C compiler)", "decode",
+            _row(f"entropy decode ({layout.header.coder}, numpy loop: an install without a C compiler)", "decode",
                  _ctx2_seconds(layout, payload, repeats, native=False), best),
         ]
     rows += [
@@ -159,12 +159,12 @@ def _native_label(layout: Any) -> str:
 def _has_native(layout: Any) -> bool:
     from pillow_sdlatent.core.coders import ctx2
 
-    return layout.header.coder == "ctx2" and ctx2.native is not None
+    return layout.header.coder in ctx2.NETWORKS and ctx2.native is not None
 
 
 def _ctx2_seconds(layout: Any, payload: bytes, repeats: int, threads: int | None = None, native: bool = True,
                   ) -> float:
-    """The ctx2 entropy decode with the C decoder on ``threads`` threads, or switched off."""
+    """The learned coder's entropy decode with the C decoder on ``threads`` threads, or switched off."""
     from pillow_sdlatent.core import read
     from pillow_sdlatent.core.coders import ctx2
 
@@ -186,14 +186,20 @@ def sdl_bytes(photo: Image.Image, options: dict[str, Any]) -> bytes:
 def whole_file_rows(photo: Image.Image, data: bytes, options: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
     """Warm ``load()`` (labelled with the decoder precision the default took), thumbnail and ``save()`` of
     ``data``, the photo saved with ``options``; with options, each stage is labelled with them and with the
-    model and coded size the encoder chose."""
-    label = ""
+    model and coded size the encoder chose, and the entropy decode is timed too."""
+    from pillow_sdlatent.core import container, read
+
+    label, entropy = "", []
     if options:
         with Image.open(io.BytesIO(data)) as opened:
             sdl = opened.info["sdl"]
         label = (", ".join(f"{k}={v}" for k, v in options.items())
                  + f"; {sdl['model']}, {sdl['coder']}, coded {sdl['coded_size'][0]}x{sdl['coded_size'][1]}")
         label = f"[{label}] "
+        layout = container.read_layout(io.BytesIO(data))
+        payload = container.read_payload(io.BytesIO(data), layout)
+        entropy = [_row(f"{label}entropy decode ({layout.header.coder}{_native_label(layout)})", "decode",
+                        best_of(lambda: read.read_symbols(layout, payload), repeats), f"best of {repeats}")]
     best = f"best of {repeats}"
 
     def thumbnail() -> None:
@@ -202,6 +208,7 @@ def whole_file_rows(photo: Image.Image, data: bytes, options: dict[str, Any], re
             image.load()
 
     return [
+        *entropy,
         _row(f"{label}whole load(), warm ({_default_precision(data)})", "decode",
              best_of(lambda: Image.open(io.BytesIO(data)).load(), repeats), best, len(data)),
         _row(f"{label}thumbnail({THUMBNAIL[0]}, {THUMBNAIL[1]}), warm", "decode", best_of(thumbnail, repeats), best),
@@ -309,3 +316,33 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {row['stage']} | {row['side']} | {row['value']:.3g} {row['unit']} | {ratio} | "
                      f"{row['bytes'] or ''} | {row['statistic']} | {row['load1']:.1f} |")
     return lines
+
+
+def main() -> None:
+    """The whole-file rows (entropy decode, warm load, thumbnail, save) of the photo saved with each
+    ``--options``, e.g. ``"bpp=0.2"`` against ``"bpp=0.2 coder=ctx1"``; the stage table itself comes
+    from ``speed.py --stages``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("--options", nargs="+", required=True, metavar="OPTS",
+                        help='save options per file, "key=value ..." (numbers are parsed)')
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with Image.open(PHOTO) as opened:
+        photo = opened.convert("RGB")
+    rows = []
+    for text in args.options:
+        options = {}
+        for pair in text.split():
+            key, value = pair.split("=", 1)
+            try:
+                options[key] = int(value) if value.isdigit() else float(value)
+            except ValueError:
+                options[key] = value
+        rows += whole_file_rows(photo, sdl_bytes(photo, options), options, args.repeats)
+    print("\n".join(table(rows)))
+
+
+if __name__ == "__main__":
+    main()

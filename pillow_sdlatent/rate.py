@@ -18,16 +18,17 @@ from .options import EncodeOptions
 
 #: Model per rate, used when the caller names no ``model``: each at its own scale per rate
 #: (``BPP_SCALES``). On the 10 held-out training photos of docs/scale_per_rate (not Kodak; ``python
-#: benchmarks/scale_per_rate.py --model taesd|taesd3``), taesd3 overtakes taesd at about 0.1 bpp on
-#: PSNR and 0.11 on ST-LPIPS, and ties it on MS-SSIM at 0.14. Against taesd at its better scale
-#: (0.875): at 0.12 bpp PSNR 23.78 against 23.49 dB, ST-LPIPS 0.112 against 0.120, MS-SSIM 8.47
-#: against 8.73 dB; at 0.16 bpp 24.84 / 0.080 / 9.64 against 24.02 / 0.111 / 9.29. Photos of other
-#: sizes and collections cross elsewhere, so the switch sits at 0.2 bpp, above all three crossings.
+#: benchmarks/scale_per_rate.py --model taesd|taesd3``), taesd3 with its coder ctx3 overtakes taesd at
+#: about 0.09 bpp on PSNR, 0.095 on ST-LPIPS and 0.12 on MS-SSIM (with ctx1 it was 0.1, 0.11 and 0.14).
+#: Each at the scale its rule picks: at 0.12 bpp PSNR 24.07 against 23.48 dB, ST-LPIPS 0.107 against
+#: 0.120, MS-SSIM 8.74 against 8.72 dB; at 0.14 bpp 24.59 / 0.092 / 9.38 against 23.46 / 0.119 / 8.89.
+#: Photos of other sizes and collections cross later (the 4 face photos of docs/fidelity at about
+#: 0.14 bpp), so the switch sits at 0.15 bpp (0.2 before ctx3), above all three crossings.
 #: Above 0.3 bpp taesd sits at its own round-trip ceiling (docs/model_per_rate). So a rate target
 #: from ``HIGH_RATE_BPP`` up, or a quality whose rate is that high (``quality_bpp``), is coded with
 #: ``HIGH_RATE_MODEL``; an image with small text keeps the earlier rule (DETAILED_HIGH_RATE_BPP).
 HIGH_RATE_MODEL = "taesd3"
-HIGH_RATE_BPP = 0.2
+HIGH_RATE_BPP = 0.15
 HIGH_RATE_QUALITY = 89
 
 #: taesd3's whole-image step at qualities 89 and 100 (log-linear between), where the default model's
@@ -48,14 +49,15 @@ TRIAL_MODELS = (DEFAULT_MODEL, HIGH_RATE_MODEL)
 #: - taesd (coder ctx2): the scale with the lowest mean ST-LPIPS is 0.5 below 0.032 bpp, 0.625 to
 #:   0.056, 0.75 to 0.084 and 0.875 above. From 0.14 bpp up 0.875 leads 1 by under 4%, and the
 #:   Urban100 photos prefer 1, so the whole image is kept there (the default quality lands there too).
-#: - taesd3 (klt, ctx1, rounding offset 0.1): PSNR prefers 0.5 up to 0.18 bpp, ST-LPIPS only below
-#:   0.055, where 0.625 takes over and leads 0.5 by 16% at 0.1 bpp (0.5 leads it by 0.7 dB there); so
-#:   0.5 below 0.06 bpp, 0.625 to 0.24 (both metrics' crossing with 0.75), 0.75 to 0.4 (0.875 ties
-#:   there). Whole-image taesd3 was not measured below 0.37 bpp, so 0.875 holds to 0.5 and 1 above.
+#: - taesd3 (klt, ctx3, rounding offset 0.1): PSNR prefers 0.5 up to 0.17 bpp, ST-LPIPS only below
+#:   0.05, where 0.625 takes over and leads 0.5 by 17% at 0.1 bpp (0.5 leads it by 0.6 dB there); so
+#:   0.5 below 0.05 bpp, 0.625 to 0.22 (ST-LPIPS ties 0.75 at 0.2, PSNR crosses at about 0.23), 0.75
+#:   to 0.4. Scales other than 1 were not measured above 0.36 bpp, so 0.875 holds to 0.5 (from the
+#:   earlier fit with ctx1, where 0.875 tied 0.75 at 0.4) and 1 above.
 #: model -> ((bits per pixel below which, scale), lowest rate first)
 BPP_SCALES: dict[str, tuple[tuple[float, float], ...]] = {
     "taesd": ((0.032, 0.5), (0.056, 0.625), (0.084, 0.75), (0.14, 0.875)),
-    "taesd3": ((0.06, 0.5), (0.24, 0.625), (0.4, 0.75), (0.5, 0.875)),
+    "taesd3": ((0.05, 0.5), (0.22, 0.625), (0.4, 0.75), (0.5, 0.875)),
 }
 
 #: model -> {scale: ((step, bpp), ...)}: on those photos, the mean rate (bits per pixel of the
@@ -75,16 +77,16 @@ RATE_CURVES: dict[str, dict[float, tuple[tuple[float, float], ...]]] = {
               (1.590, 0.0547), (2.186, 0.0356), (3.004, 0.0174)),
     },
     "taesd3": {
-        0.5: ((0.030, 0.3490), (0.042, 0.3186), (0.095, 0.2443), (0.194, 0.1792), (0.493, 0.1002), (1.652, 0.0221),
-              (3.025, 0.0111)),
-        0.625: ((0.046, 0.4741), (0.089, 0.3789), (0.161, 0.2947), (0.277, 0.2204), (0.461, 0.1548),
-                (0.939, 0.0732), (2.447, 0.0157), (3.951, 0.0104)),
-        0.75: ((0.139, 0.4441), (0.223, 0.3486), (0.346, 0.2646), (0.521, 0.1917), (0.789, 0.1235),
-               (1.449, 0.0467), (2.602, 0.0176), (3.486, 0.0133)),
-        0.875: ((0.278, 0.4093), (0.403, 0.3146), (0.576, 0.2312), (0.821, 0.1532), (1.189, 0.0856),
-                (1.882, 0.0344), (2.809, 0.0194), (3.432, 0.0158)),
-        1.0: ((0.446, 0.3719), (0.612, 0.2762), (0.842, 0.1874), (1.157, 0.1126), (1.590, 0.0593), (2.186, 0.0318),
-              (3.004, 0.0211), (3.522, 0.0178)),
+        0.5: ((0.030, 0.3391), (0.065, 0.2680), (0.175, 0.1789), (0.409, 0.1062), (0.750, 0.0610), (1.234, 0.0307),
+              (1.721, 0.0172), (1.998, 0.0134)),
+        0.625: ((0.093, 0.3614), (0.182, 0.2664), (0.350, 0.1785), (0.624, 0.1089), (1.070, 0.0539),
+                (1.577, 0.0269), (2.036, 0.0169), (2.263, 0.0143)),
+        0.75: ((0.196, 0.3604), (0.324, 0.2639), (0.532, 0.1761), (0.836, 0.1047), (1.248, 0.0554),
+               (1.824, 0.0261), (2.334, 0.0172), (2.585, 0.0148)),
+        0.875: ((0.318, 0.3583), (0.469, 0.2640), (0.690, 0.1779), (0.999, 0.1052), (1.431, 0.0539),
+                (1.988, 0.0276), (2.649, 0.0175), (3.055, 0.0148)),
+        1.0: ((0.446, 0.3541), (0.612, 0.2603), (0.842, 0.1737), (1.157, 0.1026), (1.590, 0.0533), (2.186, 0.0281),
+              (3.004, 0.0177), (3.522, 0.0145)),
     },
 }
 

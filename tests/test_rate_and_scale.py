@@ -164,7 +164,7 @@ def _model_of(data: bytes) -> str:
 
 
 def test_high_rates_pick_the_model_that_wins_there(square: Image.Image) -> None:
-    """From 0.2 bpp taesd3 wins, and far above it taesd sits at its own round-trip ceiling, unless a
+    """From 0.15 bpp taesd3 wins, and far above it taesd sits at its own round-trip ceiling, unless a
     model is named."""
     assert _model_of(encoded(square, bpp=0.08)) == "taesd"
     auto, fixed = encoded(square, bpp=0.5), encoded(square, bpp=0.5, model="taesd")
