@@ -324,6 +324,8 @@ def main() -> None:
     from ``speed.py --stages``."""
     import argparse
 
+    import pillow_sdlatent  # noqa: F401 - registers the format
+
     parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
     parser.add_argument("--options", nargs="+", required=True, metavar="OPTS",
                         help='save options per file, "key=value ..." (numbers are parsed)')
