@@ -1,4 +1,5 @@
-"""Train the latent restorer shipped as ``pillow_sdlatent/weights/restorer_taesd.safetensors``.
+"""Train the latent restorer shipped as ``pillow_sdlatent/weights/restorer_taesd.safetensors``
+(``--model taesd3``: ``restorer_taesd3.safetensors``, for taesd3's latents as its ``klt`` quantizer leaves them).
 
 Reproducible on this project's 2-core CPU, seeded throughout (data, times, results: training/README.md):
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))  # metrics.py: ST-LPIPS without torchvision
 
 from pillow_sdlatent.core import coders  # noqa: E402
+from pillow_sdlatent.core import quantize as codec_quantize  # noqa: E402
 from pillow_sdlatent.enhance.restore import RestorerNet, load_net, save_weights  # noqa: E402
 from pillow_sdlatent.weights import WEIGHTS_DIR  # noqa: E402
 
@@ -68,11 +70,11 @@ def load_photo(path: Path, data: Path) -> Image.Image:
     return rgb
 
 
-def build_cache(data: Path, cache: Path, seed: int) -> None:
-    """One ``NNNN.npz`` per photo (pixels uint8 and TAESD latents of its crops); skips existing ones."""
+def build_cache(data: Path, cache: Path, seed: int, model_name: str) -> None:
+    """One ``NNNN.npz`` per photo (pixels uint8 and the model's latents of its crops); skips existing ones."""
     from pillow_sdlatent.models import load_model
 
-    model = load_model("taesd", device="cpu")
+    model = load_model(model_name, device="cpu")
     photos = list_photos(data)
     cache.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -108,9 +110,30 @@ def load_cache(cache: Path, count: int) -> dict[str, dict[str, np.ndarray]]:
     return {split: {k: np.concatenate(v) for k, v in arrays.items()} for split, arrays in parts.items()}
 
 
-def quantize(latent: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """The codec's uniform quantizer: rint(z/step)*step, step broadcast per sample."""
-    return torch.round(latent / step) * step
+class Degrader:
+    """The codec's quantizer for a model, quantizing and dequantizing in torch: ``rint(z/step)*step`` for
+    taesd; for a model with a KLT transform, its components each at ``step`` times their weight, rounded
+    with the model's offset toward zero. Also the step the decoder conditions the restorer on, the file's
+    largest step (``pipeline.clean_latent``)."""
+
+    def __init__(self, model_name: str) -> None:
+        transform = codec_quantize.klt_for_model(model_name)
+        self.offset = codec_quantize.ROUNDING_OFFSETS.get(model_name, 0.0)
+        self.klt = None if transform is None else (
+            torch.tensor(transform.matrix, dtype=torch.float32), torch.tensor(transform.mean, dtype=torch.float32),
+            torch.tensor(transform.step_weights, dtype=torch.float32))
+
+    def __call__(self, latent: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dequantized latent, conditioning step), ``step`` (N, 1, 1, 1) broadcast per sample."""
+        if self.klt is None:
+            return torch.round(latent / step) * step, step
+        matrix, mean, weights = self.klt
+        steps = step * weights.view(1, -1, 1, 1)
+        values = torch.einsum("kc,nchw->nkhw", matrix, latent - mean.view(1, -1, 1, 1)) / steps
+        symbols = torch.round(values) if self.offset == 0 else torch.sign(values) * torch.floor(
+            values.abs() + (0.5 - self.offset))
+        back = torch.einsum("kc,nkhw->nchw", matrix, symbols * steps) + mean.view(1, -1, 1, 1)
+        return back, step * weights.max()
 
 
 def draw_steps(generator: torch.Generator, count: int) -> torch.Tensor:
@@ -138,14 +161,13 @@ def random_batch(latents: torch.Tensor, pixels: torch.Tensor | None, size: int, 
     return torch.stack(zs), None if pixels is None else torch.stack(xs)
 
 
-def val_latent_loss(net: RestorerNet, latents: torch.Tensor, steps: list[float]) -> list[float]:
+def val_latent_loss(net: RestorerNet, latents: torch.Tensor, steps: list[float], degrade: Degrader) -> list[float]:
     """Latent MSE / step^2 on the whole validation set, restored and (as a reference) plain, per step."""
     out = []
     with torch.inference_mode():
         for step in steps:
-            s = torch.full((latents.shape[0], 1, 1, 1), step)
-            noisy = quantize(latents, s)
-            restored = net(noisy, s)
+            noisy, cond = degrade(latents, torch.full((latents.shape[0], 1, 1, 1), step))
+            restored = net(noisy, cond)
             out.append(float(((restored - latents) ** 2).mean() / step**2))
             out.append(float(((noisy - latents) ** 2).mean() / step**2))
     return out
@@ -154,8 +176,9 @@ def val_latent_loss(net: RestorerNet, latents: torch.Tensor, steps: list[float])
 def train_latent(data: dict[str, dict[str, np.ndarray]], args: argparse.Namespace) -> RestorerNet:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    net = RestorerNet(width=args.width, inner=args.inner, depth=args.depth)
     latents = torch.from_numpy(data["train"]["latents"]).float()
+    net = RestorerNet(channels=latents.shape[1], width=args.width, inner=args.inner, depth=args.depth)
+    degrade = Degrader(args.model)
     val = torch.from_numpy(data["val"]["latents"]).float()
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.latent_iters,
@@ -163,15 +186,14 @@ def train_latent(data: dict[str, dict[str, np.ndarray]], args: argparse.Namespac
     start = time.time()
     for it in range(1, args.latent_iters + 1):
         z, _ = random_batch(latents, None, args.batch, args.latent_crop, generator)
-        step = draw_steps(generator, z.shape[0])
-        noisy = quantize(z, step)
-        loss = (((net(noisy, step) - z) / step) ** 2).mean()
+        noisy, cond = degrade(z, draw_steps(generator, z.shape[0]))
+        loss = (((net(noisy, cond) - z) / cond) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         if it % args.log_every == 0 or it == args.latent_iters:
-            vals = val_latent_loss(net, val, [0.15, 0.4, 1.0])
+            vals = val_latent_loss(net, val, [0.15, 0.4, 1.0], degrade)
             print(f"latent {it}/{args.latent_iters} loss {loss.item():.4f} val(restored,plain) "
                   + " ".join(f"{v:.4f}" for v in vals) + f" {time.time() - start:.0f}s", flush=True)
     return net
@@ -193,7 +215,8 @@ def train_pixel(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], args: 
 
     from pillow_sdlatent.models import load_model
 
-    autoencoder = load_model("taesd", device="cpu").module
+    autoencoder = load_model(args.model, device="cpu").module
+    degrade = Degrader(args.model)
     lpips = STLPIPS(args.perceptual).net
     generator = torch.Generator().manual_seed(args.seed + 1)
     latents = torch.from_numpy(data["train"]["latents"]).float()
@@ -204,13 +227,12 @@ def train_pixel(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], args: 
     for it in range(1, args.pixel_iters + 1):
         z, x = random_batch(latents, pixels, args.pixel_batch, args.pixel_crop, generator)
         target = x.float() / 127.5 - 1
-        step = draw_steps(generator, z.shape[0])
-        noisy = quantize(z, step)
+        noisy, cond = degrade(z, draw_steps(generator, z.shape[0]))
         with torch.no_grad():
             plain = decode(autoencoder, noisy)
             plain_mse = ((plain - target) ** 2).mean(dim=(1, 2, 3))
             plain_lpips = lpips(plain, target).flatten()
-        restored = decode(autoencoder, net(noisy, step))
+        restored = decode(autoencoder, net(noisy, cond))
         mse = ((restored - target) ** 2).mean(dim=(1, 2, 3)) / plain_mse.clamp_min(1e-6)
         perceptual = lpips(restored, target).flatten() / plain_lpips.clamp_min(1e-4)
         loss = (mse + args.lpips_weight * perceptual).mean()
@@ -223,27 +245,30 @@ def train_pixel(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], args: 
                   f"lpips ratio {perceptual.mean().item():.4f} {time.time() - start:.0f}s", flush=True)
 
 
-def val_psnr(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], steps: list[float]) -> list[dict[str, float]]:
-    """Mean decoded PSNR (dB) of the validation crops, plain and restored, and the zstd bpp, per step."""
+def val_psnr(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], steps: list[float],
+             model_name: str) -> list[dict[str, float]]:
+    """Mean decoded PSNR (dB) of the validation crops, plain and restored, and the bpp of the model's default
+    coder, per step."""
     from pillow_sdlatent.models import load_model
 
-    model = load_model("taesd", device="cpu")
-    coder = coders.get_coder(coders.DEFAULT_CODER)
+    model = load_model(model_name, device="cpu")
+    coder = coders.get_coder(coders.default_coder(model_name))
+    degrade = Degrader(model_name)
     latents = torch.from_numpy(data["val"]["latents"]).float()
     target = torch.from_numpy(data["val"]["pixels"]).permute(0, 3, 1, 2).double()
     rows = []
     for step in steps:
-        s = torch.full((latents.shape[0], 1, 1, 1), float(np.float32(step)))
-        noisy = quantize(latents, s)
+        noisy, cond = degrade(latents, torch.full((latents.shape[0], 1, 1, 1), float(np.float32(step))))
         with torch.inference_mode():
-            restored = net(noisy, s)
+            restored = net(noisy, cond)
         row = {"step": step}
         for name, z in (("plain", noisy), ("restored", restored)):
             rgb = ((model.decode(z) + 1) * 127.5).round().clamp(0, 255).double()
             mse = ((rgb - target) ** 2).mean(dim=(1, 2, 3))
             row[name] = float((10 * torch.log10(255.0**2 / mse)).mean())
-        symbols = torch.round(latents / s).to(torch.int32).numpy()
-        row["bpp"] = float(np.mean([len(coder.encode(sym)[1]) * 8 / CROP**2 for sym in symbols]))
+        quantizer = codec_quantize.quantizer_for(model_name, step, latents.shape[1])
+        row["bpp"] = float(np.mean([len(coder.encode(quantizer.quantize(z))[1]) * 8 / CROP**2
+                                    for z in latents.numpy()]))
         rows.append(row)
         print(f"val step {step:.3f}: bpp {row['bpp']:.3f} PSNR plain {row['plain']:.3f} "
               f"restored {row['restored']:.3f} gain {row['restored'] - row['plain']:+.3f} dB", flush=True)
@@ -252,9 +277,10 @@ def val_psnr(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], steps: li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("taesd", "taesd3"), default="taesd")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR / "restorer_taesd.safetensors")
+    parser.add_argument("--cache", type=Path, help=f"default: {DEFAULT_CACHE}, with the model's name for taesd3")
+    parser.add_argument("--out", type=Path, help="default: pillow_sdlatent/weights/restorer_MODEL.safetensors")
     parser.add_argument("--stages", default="cache,latent,pixel,val")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -275,11 +301,16 @@ def main() -> None:
                              "the benchmark's metric; vgg is a different network, see training/README.md)")
     parser.add_argument("--init", type=Path, help="start the pixel stage from these weights, not the latent stage's")
     parser.add_argument("--log-every", type=int, default=250)
+    parser.add_argument("--val-steps", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     stages = set(args.stages.split(","))
+    if args.cache is None:
+        args.cache = DEFAULT_CACHE if args.model == "taesd" else DEFAULT_CACHE.with_name(f"restorer_{args.model}")
+    if args.out is None:
+        args.out = WEIGHTS_DIR / f"restorer_{args.model}.safetensors"
     if "cache" in stages:
-        build_cache(args.data, args.cache, args.seed)
+        build_cache(args.data, args.cache, args.seed, args.model)
     if not stages & {"latent", "pixel", "val"}:
         return
     data = load_cache(args.cache, len(list_photos(args.data)))
@@ -291,7 +322,8 @@ def main() -> None:
     elif args.init or not checkpoint.exists():
         net = load_net(args.init or args.out)
     else:
-        net = RestorerNet(width=args.width, inner=args.inner, depth=args.depth)
+        net = RestorerNet(channels=data["train"]["latents"].shape[1], width=args.width, inner=args.inner,
+                          depth=args.depth)
         net.load_state_dict(torch.load(checkpoint, weights_only=True))
     if "pixel" in stages:
         train_pixel(net, data, args)
@@ -301,7 +333,7 @@ def main() -> None:
                                      "step_range": json.dumps([STEP_MIN, STEP_MAX])})
         print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
     if "val" in stages:
-        rows = val_psnr(net, data, [0.25, 0.5, 1.0, 2.0])
+        rows = val_psnr(net, data, args.val_steps, args.model)
         with open(args.cache / "val.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
