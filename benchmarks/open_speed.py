@@ -324,24 +324,20 @@ def main() -> None:
     from ``speed.py --stages``."""
     import argparse
 
+    from rd import parse_options
+
     import pillow_sdlatent  # noqa: F401 - registers the format
 
     parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
     parser.add_argument("--options", nargs="+", required=True, metavar="OPTS",
-                        help='save options per file, "key=value ..." (numbers are parsed)')
+                        help='save options per file, "key=value ..." (as rd.py --sdl-config reads them)')
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with Image.open(PHOTO) as opened:
         photo = opened.convert("RGB")
     rows = []
     for text in args.options:
-        options = {}
-        for pair in text.split():
-            key, value = pair.split("=", 1)
-            try:
-                options[key] = int(value) if value.isdigit() else float(value)
-            except ValueError:
-                options[key] = value
+        options = parse_options(text)
         rows += whole_file_rows(photo, sdl_bytes(photo, options), options, args.repeats)
     print("\n".join(table(rows)))
 
