@@ -90,12 +90,9 @@ def coder_units(latents: list[np.ndarray], model_name: str) -> list[np.ndarray]:
     transform = quantize.klt_for_model(model_name)
     if transform is None:
         return latents
-    out = []
-    for z in latents:
-        klt = quantize.KltQuantizer.with_step(1.0, transform)
-        weights = np.asarray(klt.steps, dtype=np.float64)[:, None, None]
-        out.append((klt.components(z) / weights).astype(np.float32))
-    return out
+    klt = quantize.KltQuantizer.with_step(1.0, transform)
+    weights = np.asarray(klt.steps, dtype=np.float64)[:, None, None]
+    return [(klt.components(z) / weights).astype(np.float32) for z in latents]
 
 
 def split(latents: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
