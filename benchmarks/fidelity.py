@@ -11,6 +11,7 @@ docs/fidelity/README.md.
     python benchmarks/fidelity.py                                  # held-out photos -> docs/fidelity/
     python benchmarks/fidelity.py --sdl-config "" --sdl-config "effort=1" --csv /tmp/new.csv --no-panels
     python benchmarks/fidelity.py --from-csv docs/fidelity/baseline.csv /tmp/new.csv   # before/after tables
+    python benchmarks/fidelity.py --qualities 60 75 85 --sdl-config "" --sdl-config "model=taesd"  # quality=, not bpp=
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ VOCABULARY = ("the and for you with this from open daily store market station ri
               "bank service centre school library music water light train platform welcome please keep closed "
               "left right entrance parking free hours monday friday sunday")
 CSV_FIELDS = ["set", "kind", "image", "item", "band", "size_px", "config", "codec", "options", "rate", "quality",
-              "bytes", "bpp", "psnr", "msssim", "stlpips", "acc_truth", "acc_original", "ocr"]
+              "bytes", "bpp", "psnr", "msssim", "stlpips", "acc_truth", "acc_original", "ocr", "target"]
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1
 
@@ -385,9 +386,10 @@ def sdl_configs(configs: list[str], shared: list[str]) -> list[tuple[str, dict[s
     return result
 
 
-def code_subject(subject: Subject, sdl: list[tuple[str, dict[str, Any]]], rates: list[float],
+def code_subject(subject: Subject, sdl: list[tuple[str, dict[str, Any]]], target: str, rates: list[float],
                  threads: int) -> dict[float, list[Coded]]:
-    """Per rate: every sdl configuration, then AVIF and JPEG XL matched to the first configuration's bytes."""
+    """Per rate (the ``target`` save option, ``bpp`` or ``quality``): every sdl configuration, then AVIF and
+    JPEG XL matched to the first configuration's bytes."""
     image = Image.fromarray(subject.rgb)
     pixels = subject.rgb.shape[0] * subject.rgb.shape[1]
     threads_options = {"avif": {"max_threads": threads}, "jxl": {"num_threads": threads}}
@@ -396,29 +398,29 @@ def code_subject(subject: Subject, sdl: list[tuple[str, dict[str, Any]]], rates:
     for rate in rates:
         points = []
         for label, options in sdl:
-            size, decoded = encode(image, "SDL", **options, bpp=rate)
+            size, decoded = encode(image, "SDL", **options, **{target: rate})
             text = " ".join(f"{k}={v}" for k, v in options.items())
-            points.append(Coded(label, "sdl", text, f"bpp={rate}", size, decoded))
+            points.append(Coded(label, "sdl", text, f"{target}={rate}", size, decoded))
         budget = points[0].size
         for name, fmt in MATCHED.items():
             scale, quality, size, decoded = match_budget(image, fmt, threads_options[name], budget, caches[name])
             points.append(Coded(name, name, "", quality if scale == 1 else f"{quality}@scale{scale}", size, decoded))
         coded[rate] = points
-        print(f"  {subject.name} {rate} bpp: " + ", ".join(f"{p.config} {p.size * 8 / pixels:.3f}" for p in points),
-              file=sys.stderr)
+        print(f"  {subject.name} {target_label(rate, target)}: "
+              + ", ".join(f"{p.config} {p.size * 8 / pixels:.3f}" for p in points), file=sys.stderr)
     return coded
 
 
 # ----------------------------------------------------------------------------- scoring
 
 
-def score(subject: Subject, rate: float, point: Coded, stlpips: STLPIPS,
+def score(subject: Subject, target: str, rate: float, point: Coded, stlpips: STLPIPS,
           whole: ReferenceMetrics | None) -> list[dict[str, Any]]:
     """CSV rows for one decoded image: the whole photo, each face, each text line."""
     height, width = subject.rgb.shape[:2]
     common = {"set": subject.set, "image": subject.name, "config": point.config, "codec": point.codec,
               "options": point.options, "rate": rate, "quality": point.quality, "bytes": point.size,
-              "bpp": point.size * 8 / (width * height)}
+              "bpp": point.size * 8 / (width * height), "target": target}
     rows = []
     if whole is not None:
         values = whole(point.decoded)
@@ -451,8 +453,9 @@ def label_font(size: int = 13) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(font_paths()[0]), size)
 
 
-def panel(reference: np.ndarray, by_rate: dict[float, list[Coded]], box: Box, title: str, path: Path) -> None:
-    """Rows: PANEL_RATES; columns: original, then each coded image, the same crop scaled up by pixel repetition."""
+def panel(reference: np.ndarray, by_rate: dict[float, list[Coded]], target: str, box: Box, title: str,
+          path: Path) -> None:
+    """Rows: the panel rates; columns: original, then each coded image, the same crop scaled up by pixel repetition."""
     original = crop(reference, box)
     zoom = max(1, round(160 / max(1, min(original.shape[:2]))))
     tile_w, tile_h = original.shape[1] * zoom, original.shape[0] * zoom
@@ -468,7 +471,7 @@ def panel(reference: np.ndarray, by_rate: dict[float, list[Coded]], box: Box, ti
                                             for p in points]
         for column, (caption, tile) in enumerate(tiles):
             x = column * (tile_w + gap)
-            caption = f"{rate} bpp target" if column == 0 else caption
+            caption = f"{target_label(rate, target)} target" if column == 0 else caption
             draw.text((x + 2, y + 2), caption, fill="black", font=font)
             sheet.paste(Image.fromarray(tile).resize((tile_w, tile_h), Image.Resampling.NEAREST), (x, y + header))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -482,16 +485,18 @@ def text_panel_box(subject: Subject) -> Box:
     return subject.lines[0].box
 
 
-def write_panels(subject: Subject, coded: dict[float, list[Coded]], folder: Path) -> list[Path]:
-    by_rate = {rate: coded[rate] for rate in PANEL_RATES if rate in coded}
+def write_panels(subject: Subject, coded: dict[float, list[Coded]], target: str, folder: Path) -> list[Path]:
+    """Crops at PANEL_RATES (bpp targets) or at the first three qualities."""
+    rates = PANEL_RATES if target == "bpp" else list(coded)[:3]
+    by_rate = {rate: coded[rate] for rate in rates if rate in coded}
     stem = Path(subject.name).stem
     written = []
     for index, box in enumerate(subject.faces):
         written.append(folder / f"face_{stem}_{index}.png")
-        panel(subject.rgb, by_rate, box, f"{subject.name} face {index}", written[-1])
+        panel(subject.rgb, by_rate, target, box, f"{subject.name} face {index}", written[-1])
     if subject.lines:
         written.append(folder / f"text_{stem}.png")
-        panel(subject.rgb, by_rate, text_panel_box(subject), f"{subject.name} text", written[-1])
+        panel(subject.rgb, by_rate, target, text_panel_box(subject), f"{subject.name} text", written[-1])
     return written
 
 
@@ -539,8 +544,21 @@ def rates_in(rows: list[dict[str, Any]]) -> list[str]:
     return sorted({str(r["rate"]) for r in rows if float(r["rate"]) > 0}, key=float)
 
 
-def rate_header(rates: list[str]) -> list[str]:
-    return ["| config | " + " | ".join(f"{r} bpp" for r in rates) + " |", "|---|" + "---:|" * len(rates)]
+def target_label(rate: float | str, target: str) -> str:
+    return f"{rate} bpp" if target == "bpp" else f"{target} {rate}"
+
+
+def target_in(rows: list[dict[str, Any]]) -> str:
+    """The save option the rows' rates set (``bpp`` for CSVs written before quality targets)."""
+    targets = {r.get("target") or "bpp" for r in rows if r["codec"] == "sdl"}
+    if len(targets) > 1:
+        raise SystemExit(f"rows of different targets {sorted(targets)} do not share a table")
+    return targets.pop() if targets else "bpp"
+
+
+def rate_header(rows: list[dict[str, Any]], rates: list[str]) -> list[str]:
+    target = target_in(rows)
+    return ["| config | " + " | ".join(target_label(r, target) for r in rates) + " |", "|---|" + "---:|" * len(rates)]
 
 
 def bpp_table(rows: list[dict[str, Any]]) -> str:
@@ -550,7 +568,7 @@ def bpp_table(rows: list[dict[str, Any]]) -> str:
         if row["config"] != "original":
             per_image[(row["config"], str(row["rate"]), row["image"])] = float(row["bpp"])
     rates = rates_in(rows)
-    lines = ["### Mean file rate (bpp)\n", *rate_header(rates)]
+    lines = ["### Mean file rate (bpp)\n", *rate_header(rows, rates)]
     for config in configs_in(rows):
         cells = [mean(v for (c, r, _), v in per_image.items() if c == config and r == rate) for rate in rates]
         lines.append(f"| {config} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
@@ -570,7 +588,7 @@ def text_table(rows: list[dict[str, Any]]) -> str:
                                   for r in g}) for b in bands}
         cell = ("vs original OCR / vs rendered truth" if text_set == "rendered" else "vs original OCR")
         parts.append(f"### {title}: OCR character accuracy ({cell})\n")
-        parts.append("| band (lines) | config | " + " | ".join(f"{r} bpp" for r in rates) + " |")
+        parts.append("| band (lines) | config | " + " | ".join(target_label(r, target_in(rows)) for r in rates) + " |")
         parts.append("|---|---|" + "---:|" * len(rates))
         for band in bands:
             if text_set == "rendered":
@@ -597,7 +615,7 @@ def metric_table(rows: list[dict[str, Any]], kind: str, title: str) -> str:
         return ""
     rates = rates_in(rows)
     count = len({(r["image"], r["item"]) for g in groups.values() for r in g})
-    parts = [f"### {title} ({count}): PSNR dB / MS-SSIM / ST-LPIPS (lower is better)\n", *rate_header(rates)]
+    parts = [f"### {title} ({count}): PSNR dB / MS-SSIM / ST-LPIPS (lower is better)\n", *rate_header(rows, rates)]
     for config in configs_in(rows):
         cells = []
         for rate in rates:
@@ -694,6 +712,7 @@ def run(args: argparse.Namespace, csv_path: Path) -> list[dict[str, Any]]:
     subjects = build_subjects(paths, args.photos, args.cards)
     sdl = sdl_configs(args.sdl_config, args.sdl_option)
     stlpips = STLPIPS()
+    target, rates = ("quality", args.qualities) if args.qualities else ("bpp", args.rates)
     rows: list[dict[str, Any]] = []
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_FIELDS)
@@ -701,16 +720,16 @@ def run(args: argparse.Namespace, csv_path: Path) -> list[dict[str, Any]]:
         for subject in subjects:
             started = time.perf_counter()
             whole = ReferenceMetrics(stlpips, subject.rgb) if subject.set == "photo" else None
-            coded = code_subject(subject, sdl, args.rates, args.threads)
+            coded = code_subject(subject, sdl, target, rates, args.threads)
             subject_rows = original_rows(subject)
             for rate, points in coded.items():
                 for point in points:
-                    subject_rows += score(subject, rate, point, stlpips, whole)
+                    subject_rows += score(subject, target, rate, point, stlpips, whole)
             writer.writerows(subject_rows)
             handle.flush()
             rows += subject_rows
             if args.panels:
-                for path in write_panels(subject, coded, args.out / "panels"):
+                for path in write_panels(subject, coded, target, args.out / "panels"):
                     print(f"wrote {path}", file=sys.stderr)
             print(f"{subject.name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return rows
@@ -722,12 +741,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="with --images: only the first N images (sorted by path)")
     parser.add_argument("--photos", type=int, default=8, help="photos with faces or lettering to code (default 8)")
     parser.add_argument("--cards", type=int, default=6, help="rendered text cards over photo crops (default 6)")
-    parser.add_argument("--rates", type=float, nargs="+", default=list(RATES), help=f"target bpp (default {RATES})")
+    targets = parser.add_mutually_exclusive_group()
+    targets.add_argument("--rates", type=float, nargs="+", default=list(RATES), help=f"target bpp (default {RATES})")
+    targets.add_argument("--qualities", type=int, nargs="+",
+                         help="code the .sdl points with these qualities instead of bpp targets")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "fidelity", help="tables, plots and panels")
     parser.add_argument("--csv", type=Path, help="where to write the rows (default OUT/fidelity.csv)")
     parser.add_argument("--sdl-config", action="append", default=[], metavar="OPTS",
-                        help='one sdl configuration per use, e.g. "model=taesd3" ("" = defaults); bpp is set per '
-                             f'rate; {", ".join(DECODE_KEYS)} are decode options')
+                        help='one sdl configuration per use, e.g. "model=taesd3" ("" = defaults); bpp (or quality) '
+                             f'is set per rate; {", ".join(DECODE_KEYS)} are decode options')
     parser.add_argument("--sdl-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra save option for every sdl configuration")
     parser.add_argument("--no-panels", dest="panels", action="store_false", help="skip the PNG crop panels")

@@ -348,10 +348,11 @@ def build_codecs(args: argparse.Namespace, autoencoders: Autoencoders) -> list[C
     return codecs
 
 
-def image_paths(folder: Path, limit: int | None, every: int = 1) -> list[Path]:
-    """Images under ``folder`` and its subfolders, sorted by path; every ``every``-th, then the first ``limit``."""
+def image_paths(folder: Path, limit: int | None, every: int = 1, offset: int = 0) -> list[Path]:
+    """Images under ``folder`` and its subfolders, sorted by path; every ``every``-th from index ``offset``, then
+    the first ``limit``."""
     found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    paths = found[::every][:limit]
+    paths = found[offset::every][:limit]
     if not paths:
         raise SystemExit(f"no images in {folder}")
     return paths
@@ -373,7 +374,7 @@ def run(args: argparse.Namespace, csv_path: Path) -> list[dict[str, Any]]:
     codecs = build_codecs(args, autoencoders)
     if not codecs:
         raise SystemExit("nothing to run")
-    paths = image_paths(args.images, args.limit, args.every)
+    paths = image_paths(args.images, args.limit, args.every, args.offset)
     stlpips = STLPIPS()
     rows: list[dict[str, Any]] = []
     with open(csv_path, "w", newline="") as handle, tqdm(
@@ -530,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of test images (default: Kodak)")
     parser.add_argument("--limit", type=int, help="use only the first N images (sorted by name)")
     parser.add_argument("--every", type=int, default=1, help="use every N-th image (e.g. 40 of the training set)")
+    parser.add_argument("--offset", type=int, default=0, help="with --every: start at this index (default 0)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "rd", help="folder for rd.md and rd_*.png")
     parser.add_argument("--csv", type=Path, help="where to write the points (default OUT/rd.csv)")
     parser.add_argument("--codecs", default="jpeg,webp,avif,jxl,orig,sdl", help=f"comma list from {sorted(GRIDS)}")

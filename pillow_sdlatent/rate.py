@@ -22,13 +22,15 @@ from .options import EncodeOptions
 #: about 0.09 bpp on PSNR, 0.095 on ST-LPIPS and 0.12 on MS-SSIM (with ctx1 it was 0.1, 0.11 and 0.14).
 #: Each at the scale its rule picks: at 0.12 bpp PSNR 24.07 against 23.48 dB, ST-LPIPS 0.107 against
 #: 0.120, MS-SSIM 8.74 against 8.72 dB; at 0.14 bpp 24.59 / 0.092 / 9.38 against 23.46 / 0.119 / 8.89.
-#: Photos of other sizes and collections cross later (the 4 face photos of docs/fidelity at about
-#: 0.14 bpp), so the switch sits at 0.15 bpp (0.2 before ctx3), above all three crossings.
-#: Above 0.3 bpp taesd sits at its own round-trip ceiling (docs/model_per_rate). So a rate target
-#: from ``HIGH_RATE_BPP`` up, or a quality whose rate is that high (``quality_bpp``), is coded with
-#: ``HIGH_RATE_MODEL``; an image with small text keeps the earlier rule (DETAILED_HIGH_RATE_BPP).
+#: So the switch sits at 0.12 bpp, where all three have crossed. Checked on 35 other training photos
+#: (sorted index % 40 of 10 or 30; docs/model_per_rate/quality): at qualities 65, 70 and 75 (0.121-0.144
+#: bpp, which taesd coded before) taesd3 gives +0.42, +0.58 and +0.81 dB, ST-LPIPS 0.115 -> 0.093,
+#: 0.110 -> 0.085 and 0.107 -> 0.078, MS-SSIM BD-rate -4.0%, for 4% more bytes. Above 0.3 bpp taesd sits at its
+#: own round-trip ceiling (docs/model_per_rate). So a rate target from ``HIGH_RATE_BPP`` up, or a quality
+#: whose rate is that high (``quality_bpp``), is coded with ``HIGH_RATE_MODEL``. For a rate target, an
+#: image with small text keeps taesd up to DETAILED_HIGH_RATE_BPP (``model_for_rate``).
 HIGH_RATE_MODEL = "taesd3"
-HIGH_RATE_BPP = 0.15
+HIGH_RATE_BPP = 0.12
 HIGH_RATE_QUALITY = 89
 
 #: taesd3's whole-image step at qualities 89 and 100 (log-linear between), where the default model's
@@ -93,8 +95,12 @@ RATE_CURVES: dict[str, dict[float, tuple[tuple[float, float], ...]]] = {
 #: The detail check (``holds_fine_detail``): an image that resampling to DETAIL_PROBE_SCALE and back
 #: (Lanczos, as encoder and decoder resize) leaves under MIN_RESAMPLING_PSNR holds small text or fine
 #: lines, which the rules fitted on photos above would blur or redraw: downscaling shrinks the strokes
-#: and rounding toward zero drops the small coefficients that draw them. Such an image keeps the rules
-#: from before those fits: ``taesd`` below DETAILED_HIGH_RATE_BPP, then taesd3 whole, plain rounding.
+#: and rounding toward zero drops the small coefficients that draw them. Such an image is coded by
+#: ``HIGH_RATE_MODEL`` whole, with plain rounding. At the same bytes taesd reads small text better below
+#: DETAILED_HIGH_RATE_BPP (text cards at 0.1-0.2 bpp, docs/fidelity), so a rate target keeps taesd there;
+#: at the same quality taesd3 reads it far better (taesd redraws letters at any quality: on the held-out
+#: text cards at quality 85, 15-18 px lines read 0.44 against 0.98; docs/fidelity/quality), so a
+#: quality switches where a photo's does.
 #: At 0.625, 6 text cards (training photos outside every held-out set with 10-28 px lines, as
 #: benchmarks/fidelity.py makes them) keep 20.8-22.5 dB, the 10 photos of docs/scale_per_rate
 #: 24.3-41.4 dB (9 of 10 from 28.2).
@@ -115,18 +121,18 @@ def coder_for(options: EncodeOptions, model: str) -> str:
 
 
 def model_for_rate(options: EncodeOptions, width: int, height: int, detailed: bool = False) -> str:
-    """The named model; else the one that wins at the requested rate (see ``HIGH_RATE_MODEL``; a
-    ``detailed`` image, see ``holds_fine_detail``, switches at DETAILED_HIGH_RATE_BPP), unless the coder
-    named cannot code that model's latents. A quality's rate is the mean rate its step gives
-    ``options.model`` (``quality_bpp``)."""
+    """The named model; else the one that wins at the requested rate or quality (see ``HIGH_RATE_MODEL``;
+    for a rate target, a ``detailed`` image, see ``holds_fine_detail``, switches at DETAILED_HIGH_RATE_BPP),
+    unless the coder named cannot code that model's latents. A quality's rate is the mean rate its step
+    gives ``options.model`` (``quality_bpp``)."""
     if options.model_fixed or not coders.codes_channels(options.coder, get_spec(HIGH_RATE_MODEL).channels):
         return options.model
     bpp = requested_bpp(options, width, height)
     if bpp is None:
         quality = options.quality or quantize.DEFAULT_QUALITY
-        if quality >= HIGH_RATE_QUALITY:
+        if quality >= HIGH_RATE_QUALITY or quality_bpp(quality, options.model) >= HIGH_RATE_BPP:
             return HIGH_RATE_MODEL
-        bpp = quality_bpp(quality, options.model)
+        return options.model
     return HIGH_RATE_MODEL if bpp >= (DETAILED_HIGH_RATE_BPP if detailed else HIGH_RATE_BPP) else options.model
 
 

@@ -267,7 +267,9 @@ def test_low_rates_code_a_smaller_image(landscape: Image.Image) -> None:
         gain = psnr(landscape, decoded) - psnr(landscape, pipeline.decode_file(whole))
     print(f"\nat 0.04 bpp, coded at {info['coded_size']}: {gain:+.2f} dB over the whole image")
     assert gain > 0.5
-    assert _sdl_info(encoded(landscape))["version"] == "1.0"  # the default quality keeps the whole image
+    assert _sdl_info(encoded(landscape, model="taesd"))["version"] == "1.0"  # taesd's default quality: whole
+    default = _sdl_info(encoded(landscape))  # the default quality's rate picks taesd3, at 0.625 of the size
+    assert default["model"] == "taesd3" and default["coded_size"] == (320, 240)
 
 
 def test_quality_keeps_its_rate_at_a_forced_scale(landscape: Image.Image) -> None:
