@@ -2,7 +2,8 @@
 
 Codes centre crops of training photos that are not held out (sorted index % 40 not 0 or 20)
 at fixed rates with each model and prints mean PSNR and MS-SSIM (dB) per rate: the distortions a
-rewritten face or letter cannot hide from. ``rate.HIGH_RATE_BPP`` is set from this table.
+rewritten face or letter cannot hide from. An earlier ``rate.HIGH_RATE_BPP`` was set from this table; the
+value now comes from benchmarks/scale_per_rate.py's crossings (see its comment in rate.py).
 
     python training/fit_model_choice.py --every 60 --rates 0.06,0.1,0.15,0.2,0.3
 """
