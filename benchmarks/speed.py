@@ -127,6 +127,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pillow_sdlatent import models
+    from pillow_sdlatent.models import weights
 
     device, variant, phase = job["device"], job["variant"], job["phase"]
     if job["model"] == "sd-vae":
@@ -135,6 +136,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         spec = models.get_spec(job["model"])
         module = models._build_module(spec, None, os.environ.get(models.MODELS_ENV, ""))
     if variant == "plain":
+        if isinstance(module, dict):  # TAESD weights load as a state dict: diffusers' own module holds them
+            module = weights._tiny_module(spec, module)
         module = module.to(device).eval()
         encode = lambda x: module.encode(x)  # noqa: E731
         decode = lambda z: module.decode(z)  # noqa: E731
