@@ -112,9 +112,14 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
     from .models import WeightsNotFoundError, load_model
 
     full_size = work
-    fine_detail = functools.cache(lambda: rate.holds_fine_detail(full_size))  # two resamplings: only if asked
+    probed = functools.cache(lambda: rate.detail_psnr(full_size))  # two resamplings: only if asked
+
+    def fine_detail() -> bool:
+        return probed() < rate.MIN_RESAMPLING_PSNR
+
     detailed = rate.may_pick_high_rate_model(options, width, height) and fine_detail()
-    chosen = rate.model_for_rate(options, width, height, detailed)
+    text = detailed and probed() < rate.TEXT_RESAMPLING_PSNR
+    chosen = rate.model_for_rate(options, width, height, detailed, text)
     coder = rate.coder_for(options, chosen)
     try:
         model = load_model(chosen, weights=options.weights, device=options.device)

@@ -107,6 +107,14 @@ RATE_CURVES: dict[str, dict[float, tuple[tuple[float, float], ...]]] = {
 DETAIL_PROBE_SCALE = 0.625
 MIN_RESAMPLING_PSNR = 27.0
 DETAILED_HIGH_RATE_BPP = 0.30
+#: An image that the same resampling leaves under TEXT_RESAMPLING_PSNR is mostly small text (``detail_psnr``
+#: of 12 text cards made from training photos as benchmarks/fidelity.py makes them: 20.6-22.6 dB; of the
+#: 667 training photos outside the held-out sets, 6 are under 23 dB; of the 36 held-out photos and the 24
+#: Kodak photos, none, the lowest at 23.0 and 25.7). A quality codes such an image with
+#: ``HIGH_RATE_MODEL`` (whole, plain rounding) at every quality, not only from ``HIGH_RATE_BPP``: on the
+#: held-out text cards at qualities 40, 50 and 60, 19-28 px text reads 0.82 / 0.86 / 0.87 against 0.37 /
+#: 0.69 / 0.61 with taesd, for 1.9-2.2x the bytes (docs/fidelity/quality).
+TEXT_RESAMPLING_PSNR = 23.0
 RESAMPLING_BAND = 256  # rows compared at once, bounding the memory on large images
 
 #: automatic scaling never makes the shorter side smaller than this
@@ -120,9 +128,11 @@ def coder_for(options: EncodeOptions, model: str) -> str:
     return coder
 
 
-def model_for_rate(options: EncodeOptions, width: int, height: int, detailed: bool = False) -> str:
+def model_for_rate(options: EncodeOptions, width: int, height: int, detailed: bool = False,
+                   text: bool = False) -> str:
     """The named model; else the one that wins at the requested rate or quality (see ``HIGH_RATE_MODEL``;
-    for a rate target, a ``detailed`` image, see ``holds_fine_detail``, switches at DETAILED_HIGH_RATE_BPP),
+    for a rate target, a ``detailed`` image, see ``holds_fine_detail``, switches at DETAILED_HIGH_RATE_BPP;
+    for a quality, an image of mostly ``text``, see TEXT_RESAMPLING_PSNR, takes it at every quality),
     unless the coder named cannot code that model's latents. A quality's rate is the mean rate its step
     gives ``options.model`` (``quality_bpp``)."""
     if options.model_fixed or not coders.codes_channels(options.coder, get_spec(HIGH_RATE_MODEL).channels):
@@ -130,21 +140,27 @@ def model_for_rate(options: EncodeOptions, width: int, height: int, detailed: bo
     bpp = requested_bpp(options, width, height)
     if bpp is None:
         quality = options.quality or quantize.DEFAULT_QUALITY
-        if quality >= HIGH_RATE_QUALITY or quality_bpp(quality, options.model) >= HIGH_RATE_BPP:
+        if text or quality >= HIGH_RATE_QUALITY or quality_bpp(quality, options.model) >= HIGH_RATE_BPP:
             return HIGH_RATE_MODEL
         return options.model
     return HIGH_RATE_MODEL if bpp >= (DETAILED_HIGH_RATE_BPP if detailed else HIGH_RATE_BPP) else options.model
 
 
 def may_pick_high_rate_model(options: EncodeOptions, width: int, height: int) -> bool:
-    """Whether the detail check can change anything: the high-rate model is named or picked for an
-    image without fine detail (a detailed one only moves the switch up)."""
-    return model_for_rate(options, width, height) == HIGH_RATE_MODEL
+    """Whether the detail check can change anything: the high-rate model is named, picked for an
+    image without fine detail, or picked for one of mostly text (a quality)."""
+    return HIGH_RATE_MODEL in (model_for_rate(options, width, height),
+                               model_for_rate(options, width, height, detailed=True, text=True))
+
+
+def detail_psnr(image: Image.Image) -> float:
+    """The detail check's measure: ``image`` resampled to DETAIL_PROBE_SCALE and back, PSNR."""
+    return resampling_psnr(image, DETAIL_PROBE_SCALE)
 
 
 def holds_fine_detail(image: Image.Image) -> bool:
     """Whether ``image`` holds small text or fine lines (see ``MIN_RESAMPLING_PSNR``)."""
-    return resampling_psnr(image, DETAIL_PROBE_SCALE) < MIN_RESAMPLING_PSNR
+    return detail_psnr(image) < MIN_RESAMPLING_PSNR
 
 
 def quality_bpp(quality: int, model: str) -> float:
