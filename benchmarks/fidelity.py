@@ -556,9 +556,11 @@ def target_in(rows: list[dict[str, Any]]) -> str:
     return targets.pop() if targets else "bpp"
 
 
-def rate_header(rows: list[dict[str, Any]], rates: list[str]) -> list[str]:
+def rate_header(rows: list[dict[str, Any]], rates: list[str], columns: tuple[str, ...] = ("config",)) -> list[str]:
+    """A table's header and rule: ``columns``, then one column per rate, labelled by the rows' target."""
     target = target_in(rows)
-    return ["| config | " + " | ".join(target_label(r, target) for r in rates) + " |", "|---|" + "---:|" * len(rates)]
+    return ["| " + " | ".join(columns) + " | " + " | ".join(target_label(r, target) for r in rates) + " |",
+            "|" + "---|" * len(columns) + "---:|" * len(rates)]
 
 
 def bpp_table(rows: list[dict[str, Any]]) -> str:
@@ -588,8 +590,7 @@ def text_table(rows: list[dict[str, Any]]) -> str:
                                   for r in g}) for b in bands}
         cell = ("vs original OCR / vs rendered truth" if text_set == "rendered" else "vs original OCR")
         parts.append(f"### {title}: OCR character accuracy ({cell})\n")
-        parts.append("| band (lines) | config | " + " | ".join(target_label(r, target_in(rows)) for r in rates) + " |")
-        parts.append("|---|---|" + "---:|" * len(rates))
+        parts += rate_header(rows, rates, ("band (lines)", "config"))
         for band in bands:
             if text_set == "rendered":
                 ceiling = mean(r["acc_truth"] for r in groups.get((text_set, band, "original", "0"), []))
