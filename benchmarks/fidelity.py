@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import os
 import random
 import sys
@@ -35,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from metrics import MSSSIM_MIN_SIDE, STLPIPS, ReferenceMetrics, ms_ssim, psnr
-from rd import decode_bytes, image_paths, parse_options, sdl_available
+from rd import DECODE_KEYS, encode, image_paths, parse_options, sdl_available
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO.parent / "shared" / "data" / "train"
@@ -319,23 +318,6 @@ class Coded:
     quality: int | str
     size: int
     decoded: np.ndarray
-
-
-#: options of a --sdl-config that are decode options (``DecodeOptions``), not save options
-DECODE_KEYS = ("precision", "restore")
-
-
-def encode(image: Image.Image, fmt: str, **options: Any) -> tuple[int, np.ndarray]:
-    """The file's size and its decoded pixels; DECODE_KEYS among ``options`` are used to decode."""
-    decode_options = {key: options.pop(key) for key in DECODE_KEYS if key in options}
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    data = buffer.getvalue()
-    if not decode_options:
-        return len(data), decode_bytes(data)
-    with Image.open(io.BytesIO(data)) as decoded:
-        decoded.decode_options = decode_options
-        return len(data), np.asarray(decoded.convert("RGB"))
 
 
 def largest_quality_within(code: Callable[[int], tuple[int, np.ndarray]], budget: int) -> int | None:

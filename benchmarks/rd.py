@@ -83,9 +83,20 @@ class Codec(Protocol):
         """(file size in bytes, decoded (H, W, 3) uint8) for one parameter value."""
 
 
-def decode_bytes(data: bytes) -> np.ndarray:
+#: options of a --sdl-config that are decode options (``DecodeOptions``), not save options
+DECODE_KEYS = ("precision", "restore")
+
+
+def encode(image: Image.Image, fmt: str, **options: Any) -> tuple[int, np.ndarray]:
+    """The file's size and its decoded pixels; DECODE_KEYS among ``options`` are used to decode."""
+    decode_options = {key: options.pop(key) for key in DECODE_KEYS if key in options}
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    data = buffer.getvalue()
     with Image.open(io.BytesIO(data)) as decoded:
-        return np.asarray(decoded.convert("RGB"))
+        if decode_options:
+            decoded.decode_options = decode_options
+        return len(data), np.asarray(decoded.convert("RGB"))
 
 
 @dataclass
@@ -106,10 +117,7 @@ class PillowCodec:
         return f"{self.codec}/{self.model}" + (f"[{self.options}]" if self.options else "")
 
     def code(self, sample: Sample, param: int) -> tuple[int, np.ndarray]:
-        buffer = io.BytesIO()
-        sample.image.save(buffer, format=self.format, quality=param, **self.save_options)
-        data = buffer.getvalue()
-        return len(data), decode_bytes(data)
+        return encode(sample.image, self.format, quality=param, **self.save_options)
 
 
 class _TinyModel:
@@ -542,7 +550,8 @@ def main(argv: list[str] | None = None) -> None:
                         default=Path(os.environ.get("PILLOW_SDLATENT_MODELS") or DEFAULT_MODELS_DIR),
                         help="folder with {model}_encoder/decoder.safetensors")
     parser.add_argument("--sdl-config", action="append", metavar="OPTS",
-                        help='one sdl configuration per use, e.g. "effort=2 coder=zstd" ("" = defaults)')
+                        help='one sdl configuration per use, e.g. "effort=2 coder=zstd" ("" = defaults); '
+                             f'{", ".join(DECODE_KEYS)} are decode options')
     parser.add_argument("--sdl-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra save option for every sdl configuration")
     parser.add_argument("--grid", action="append", default=[], metavar="CODEC=P1,P2,...",

@@ -254,8 +254,9 @@ def full_size(rgb: np.ndarray, header: Header) -> Image.Image:
 
 
 def decoder_for(layout: Layout, options: DecodeOptions) -> Any:
-    """Load the decoder a file needs (or the compatible one ``options.model`` asks for), check its digest, and
-    pick its arithmetic (``options.precision``)."""
+    """Load the decoder a file needs (or the compatible one ``options.model`` asks for), check its digest,
+    take its restoring decoder where it has one (``enhance.restore``), and pick its arithmetic
+    (``options.precision``)."""
     header, model = layout.header, options.model
     if header.model not in REGISTRY and model is None:
         raise DamagedFileError(
@@ -281,7 +282,16 @@ def decoder_for(layout: Layout, options: DecodeOptions) -> Any:
         if not options.allow_digest_mismatch:
             raise DigestMismatchError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+    if restores(layout, options):
+        from .enhance import restore
+
+        decoder = restore.restoring_decoder(decoder, max(file_quantizer(header).steps), header.coded_size is None)
     return decoder.decoding_in(options.precision)
+
+
+def restores(layout: Layout, options: DecodeOptions) -> bool:
+    """Whether the decoder-side restoration may run: asked for, and not turned off by the file (fine detail)."""
+    return options.restore and not layout.header.flags & container.FLAG_NO_RESTORATION
 
 
 def decode_layout(fp: IO[bytes], layout: Layout, options: DecodeOptions, *,
@@ -320,7 +330,7 @@ def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, options: Deco
         from .enhance.unet import denoise_latent
 
         return denoise_latent(latent, step, model=options.denoise, device=decoder.device, seed=options.seed)
-    if options.restore and not layout.header.flags & container.FLAG_NO_RESTORATION:
+    if restores(layout, options):
         from .enhance import restore as restorer
 
         if restorer.has_restorer(decoder.spec.name, step):

@@ -61,17 +61,21 @@ def list_photos(data: Path) -> list[Path]:
     return photos
 
 
-def load_photo(path: Path, data: Path) -> Image.Image:
+def load_photo(path: Path, data: Path, scale: float = 1.0) -> Image.Image:
+    """The photo as RGB, resized by ``scale`` (as the codec codes it at a lower scale; short side kept >= CROP)."""
     with Image.open(path) as image:
         rgb = image.convert("RGB")
     if path.relative_to(data).parts[0] in HALVE_SETS:
-        scale = max(0.5, CROP / min(rgb.size))
+        scale *= 0.5
+    scale = max(scale, CROP / min(rgb.size))
+    if scale < 1:
         rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.LANCZOS)
     return rgb
 
 
-def build_cache(data: Path, cache: Path, seed: int, model_name: str) -> None:
-    """One ``NNNN.npz`` per photo (pixels uint8 and the model's latents of its crops); skips existing ones."""
+def build_cache(data: Path, cache: Path, seed: int, model_name: str, scale: float = 1.0) -> None:
+    """One ``NNNN.npz`` per photo (pixels uint8 and the model's latents of its crops, the photo resized by
+    ``scale``); skips existing ones."""
     from pillow_sdlatent.models import load_model
 
     model = load_model(model_name, device="cpu")
@@ -83,7 +87,7 @@ def build_cache(data: Path, cache: Path, seed: int, model_name: str) -> None:
         if out.exists():
             continue
         rng = np.random.default_rng([seed, index])
-        rgb = np.asarray(load_photo(path, data))
+        rgb = np.asarray(load_photo(path, data, scale))
         crops = []
         for _ in range(CROPS_PER_IMAGE):
             top = int(rng.integers(0, rgb.shape[0] - CROP + 1))
@@ -282,6 +286,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help=f"default: {DEFAULT_CACHE}, with the model's name for taesd3")
     parser.add_argument("--out", type=Path, help="default: pillow_sdlatent/weights/restorer_MODEL.safetensors")
     parser.add_argument("--stages", default="cache,latent,pixel,val")
+    parser.add_argument("--cache-scale", type=float, default=1.0,
+                        help="resize the photos by this before cropping (the codec's scale per rate)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--width", type=int, default=32, help="restorer channels at latent resolution")
@@ -310,7 +316,7 @@ def main() -> None:
     if args.out is None:
         args.out = WEIGHTS_DIR / f"restorer_{args.model}.safetensors"
     if "cache" in stages:
-        build_cache(args.data, args.cache, args.seed, args.model)
+        build_cache(args.data, args.cache, args.seed, args.model, args.cache_scale)
     if not stages & {"latent", "pixel", "val"}:
         return
     data = load_cache(args.cache, len(list_photos(args.data)))

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -115,6 +115,20 @@ class LatentModel:
         if precision == "int8":
             raise ValueError(f"no int8 decoder for {self.spec.name!r}: {refusal}")
         return self._float32
+
+    def with_decoder(self, name: str, decoder: Callable[[], StateDict]) -> LatentModel:
+        """This model decoding with other weights for its decoder (a restoring decoder, ``enhance.restore``):
+        a twin built once per ``name`` from ``decoder()``, on the same device and runtime. Its
+        ``decoder_digest`` is the new decoder's; the file's digest was checked against this model's."""
+
+        def build() -> LatentModel:
+            state = self._state if self.runtime == "onnxruntime" else _numpy_state(self.module)
+            replaced = decoder()
+            if set(replaced) != {key for key in state if key.startswith("decoder.")}:
+                raise ValueError(f"decoder {name!r} does not fit {self.spec.name!r}: other tensor names")
+            return LatentModel(self.spec, {**state, **replaced}, self.device, self.dtype, self.runtime)
+
+        return self._twins.get(("decoder", name), build)
 
     def _int8_refusal(self) -> str | None:
         """Why this model cannot decode in int8, or None."""
