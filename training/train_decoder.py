@@ -33,7 +33,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))  # metrics.py: ST-LPIPS without torchvision
 sys.path.insert(0, str(REPO / "training"))
 
-from train_restorer import DEFAULT_CACHE, DEFAULT_DATA, Degrader, list_photos, load_cache, random_batch  # noqa: E402
+from train_restorer import (  # noqa: E402
+    DEFAULT_CACHE,
+    DEFAULT_DATA,
+    Degrader,
+    decode,
+    list_photos,
+    load_cache,
+    random_batch,
+    relative_errors,
+)
 
 from pillow_sdlatent.enhance.restore import DECODER_STEPS, DECODERS  # noqa: E402
 from pillow_sdlatent.weights import WEIGHTS_DIR  # noqa: E402
@@ -45,10 +54,6 @@ def draw_steps(generator: torch.Generator, count: int, weight: float) -> torch.T
     """Base steps whose largest component step (``weight`` times the base) is log-uniform over DECODER_STEPS."""
     low, high = (math.log(s / weight) for s in DECODER_STEPS)
     return torch.exp(low + torch.rand(count, generator=generator) * (high - low)).view(-1, 1, 1, 1)
-
-
-def pixels_of(decoder: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
-    return decoder.decode(latent).sample.clamp(-1, 1)
 
 
 def psnr(decoded: torch.Tensor, target: torch.Tensor) -> float:
@@ -70,7 +75,7 @@ def validate(original: torch.nn.Module, tuned: torch.nn.Module, data: dict, step
             noisy, _ = degrade(latents, torch.full((len(latents), 1, 1, 1), step / weight))
             row = {"step": step}
             for name, decoder in (("original", original), ("restoring", tuned)):
-                decoded = torch.cat([pixels_of(decoder, noisy[i:i + 8]) for i in range(0, len(noisy), 8)])
+                decoded = torch.cat([decode(decoder, noisy[i:i + 8]) for i in range(0, len(noisy), 8)])
                 rounded = torch.round((decoded + 1) * 127.5) / 127.5 - 1
                 row[f"{name}_psnr"] = psnr(decoded, target)
                 row[f"{name}_stlpips"] = float(torch.cat([lpips(rounded[i:i + 8], target[i:i + 8]).flatten()
@@ -135,12 +140,8 @@ def main() -> None:
         target = x.float() / 127.5 - 1
         noisy, _ = degrade(z, draw_steps(generator, len(z), weight))
         with torch.no_grad():
-            plain = pixels_of(original, noisy)
-            plain_mse = ((plain - target) ** 2).mean(dim=(1, 2, 3))
-            plain_lpips = lpips(plain, target).flatten()
-        decoded = pixels_of(tuned, noisy)
-        mse = ((decoded - target) ** 2).mean(dim=(1, 2, 3)) / plain_mse.clamp_min(1e-6)
-        perceptual = lpips(decoded, target).flatten() / plain_lpips.clamp_min(1e-4)
+            plain = decode(original, noisy)
+        mse, perceptual = relative_errors(decode(tuned, noisy), plain, target, lpips)
         loss = (mse + args.lpips_weight * perceptual).mean()
         optimizer.zero_grad()
         loss.backward()

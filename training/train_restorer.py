@@ -208,6 +208,17 @@ def decode(autoencoder: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
     return autoencoder.decode(latent).sample.clamp(-1, 1)
 
 
+def relative_errors(decoded: torch.Tensor, plain: torch.Tensor, target: torch.Tensor,
+                    lpips: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, pixel MSE and ST-LPIPS of ``decoded`` divided by those of ``plain`` (the unrestored decode):
+    so every step weighs alike, and a loss on both must beat the plain decode on both."""
+    with torch.no_grad():
+        plain_mse = ((plain - target) ** 2).mean(dim=(1, 2, 3))
+        plain_lpips = lpips(plain, target).flatten()
+    mse = ((decoded - target) ** 2).mean(dim=(1, 2, 3)) / plain_mse.clamp_min(1e-6)
+    return mse, lpips(decoded, target).flatten() / plain_lpips.clamp_min(1e-4)
+
+
 def train_pixel(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], args: argparse.Namespace) -> None:
     """Fine-tune through the frozen decoder against the photo: pixel MSE plus ST-LPIPS.
 
@@ -234,11 +245,7 @@ def train_pixel(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], args: 
         noisy, cond = degrade(z, draw_steps(generator, z.shape[0]))
         with torch.no_grad():
             plain = decode(autoencoder, noisy)
-            plain_mse = ((plain - target) ** 2).mean(dim=(1, 2, 3))
-            plain_lpips = lpips(plain, target).flatten()
-        restored = decode(autoencoder, net(noisy, cond))
-        mse = ((restored - target) ** 2).mean(dim=(1, 2, 3)) / plain_mse.clamp_min(1e-6)
-        perceptual = lpips(restored, target).flatten() / plain_lpips.clamp_min(1e-4)
+        mse, perceptual = relative_errors(decode(autoencoder, net(noisy, cond)), plain, target, lpips)
         loss = (mse + args.lpips_weight * perceptual).mean()
         optimizer.zero_grad()
         loss.backward()
