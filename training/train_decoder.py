@@ -40,6 +40,7 @@ from train_restorer import (  # noqa: E402
     decode,
     list_photos,
     load_cache,
+    mean_psnr,
     random_batch,
     relative_errors,
 )
@@ -56,18 +57,12 @@ def draw_steps(generator: torch.Generator, count: int, weight: float) -> torch.T
     return torch.exp(low + torch.rand(count, generator=generator) * (high - low)).view(-1, 1, 1, 1)
 
 
-def psnr(decoded: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean PSNR (dB) of 8-bit pixels, decoded rounded as the codec rounds them."""
-    rounded = torch.round((decoded + 1) * 127.5)
-    mse = ((rounded - (target + 1) * 127.5) ** 2).mean(dim=(1, 2, 3))
-    return float((10 * torch.log10(255.0**2 / mse)).mean())
-
-
 def validate(original: torch.nn.Module, tuned: torch.nn.Module, data: dict, steps: list[float], lpips: torch.nn.Module,
              degrade: Degrader) -> list[dict[str, float]]:
     """PSNR and ST-LPIPS of the held-out crops decoded by both decoders, per largest component step."""
     latents = torch.from_numpy(data["val"]["latents"]).float()
-    target = torch.from_numpy(data["val"]["pixels"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pixels = torch.from_numpy(data["val"]["pixels"]).permute(0, 3, 1, 2).double()
+    target = pixels.float() / 127.5 - 1
     weight = float(degrade.klt[2].max())
     rows = []
     with torch.no_grad():
@@ -77,7 +72,7 @@ def validate(original: torch.nn.Module, tuned: torch.nn.Module, data: dict, step
             for name, decoder in (("original", original), ("restoring", tuned)):
                 decoded = torch.cat([decode(decoder, noisy[i:i + 8]) for i in range(0, len(noisy), 8)])
                 rounded = torch.round((decoded + 1) * 127.5) / 127.5 - 1
-                row[f"{name}_psnr"] = psnr(decoded, target)
+                row[f"{name}_psnr"] = mean_psnr(decoded, pixels)
                 row[f"{name}_stlpips"] = float(torch.cat([lpips(rounded[i:i + 8], target[i:i + 8]).flatten()
                                                           for i in range(0, len(noisy), 8)]).mean())
             rows.append(row)

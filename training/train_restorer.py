@@ -256,6 +256,14 @@ def train_pixel(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], args: 
                   f"lpips ratio {perceptual.mean().item():.4f} {time.time() - start:.0f}s", flush=True)
 
 
+def mean_psnr(decoded: torch.Tensor, pixels: torch.Tensor) -> float:
+    """Mean over the batch of each image's PSNR (dB): ``decoded`` in [-1, 1], rounded to 8 bits as the codec
+    rounds it, against ``pixels`` (0-255, float64)."""
+    rgb = ((decoded + 1) * 127.5).round().clamp(0, 255).double()
+    mse = ((rgb - pixels) ** 2).mean(dim=(1, 2, 3))
+    return float((10 * torch.log10(255.0**2 / mse)).mean())
+
+
 def val_psnr(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], steps: list[float],
              model_name: str) -> list[dict[str, float]]:
     """Mean decoded PSNR (dB) of the validation crops, plain and restored, and the bpp of the model's default
@@ -274,9 +282,7 @@ def val_psnr(net: RestorerNet, data: dict[str, dict[str, np.ndarray]], steps: li
             restored = net(noisy, cond)
         row = {"step": step}
         for name, z in (("plain", noisy), ("restored", restored)):
-            rgb = ((model.decode(z) + 1) * 127.5).round().clamp(0, 255).double()
-            mse = ((rgb - target) ** 2).mean(dim=(1, 2, 3))
-            row[name] = float((10 * torch.log10(255.0**2 / mse)).mean())
+            row[name] = mean_psnr(model.decode(z), target)
         quantizer = codec_quantize.quantizer_for(model_name, step, latents.shape[1])
         row["bpp"] = float(np.mean([len(coder.encode(quantizer.quantize(z))[1]) * 8 / CROP**2
                                     for z in latents.numpy()]))
