@@ -253,6 +253,11 @@ def full_size(rgb: np.ndarray, header: Header) -> Image.Image:
     return image.resize((header.width, header.height), container.RESAMPLING[header.resampling])
 
 
+def coded_scale(header: Header) -> float:
+    """The fraction of the image's size its latent was coded at (1: whole)."""
+    return 1.0 if header.coded_size is None else header.coded[0] / header.width
+
+
 def decoder_for(layout: Layout, options: DecodeOptions) -> Any:
     """Load the decoder a file needs (or the compatible one ``options.model`` asks for), check its digest,
     take its restoring decoder where it has one (``enhance.restore``), and pick its arithmetic
@@ -285,7 +290,7 @@ def decoder_for(layout: Layout, options: DecodeOptions) -> Any:
     if restores(layout, options):
         from .enhance import restore
 
-        decoder = restore.restoring_decoder(decoder, max(file_quantizer(header).steps), header.coded_size is None)
+        decoder = restore.restoring_decoder(decoder, max(file_quantizer(header).steps), coded_scale(header))
     return decoder.decoding_in(options.precision)
 
 

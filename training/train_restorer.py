@@ -61,24 +61,26 @@ def list_photos(data: Path) -> list[Path]:
     return photos
 
 
-def load_photo(path: Path, data: Path, scale: float = 1.0) -> Image.Image:
-    """The photo as RGB, resized by ``scale`` (as the codec codes it at a lower scale; short side kept >= CROP)."""
+def load_photo(path: Path, data: Path) -> Image.Image:
     with Image.open(path) as image:
         rgb = image.convert("RGB")
     if path.relative_to(data).parts[0] in HALVE_SETS:
-        scale *= 0.5
-    scale = max(scale, CROP / min(rgb.size))
-    if scale < 1:
+        scale = max(0.5, CROP / min(rgb.size))
         rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.LANCZOS)
     return rgb
 
 
 def build_cache(data: Path, cache: Path, seed: int, model_name: str, scale: float = 1.0) -> None:
-    """One ``NNNN.npz`` per photo (pixels uint8 and the model's latents of its crops, the photo resized by
-    ``scale``); skips existing ones."""
+    """One ``NNNN.npz`` per photo (pixels uint8 and the model's latents of its crops); skips existing ones.
+
+    ``scale`` < 1: the latents are of each crop resized by it as the codec resizes an image it codes smaller
+    (Lanczos), the pixels stay full size (``train_decoder.py`` takes its loss on the decode scaled back up)."""
     from pillow_sdlatent.models import load_model
 
     model = load_model(model_name, device="cpu")
+    coded = round(CROP * scale)
+    if coded % 8 or coded / CROP != scale:
+        raise SystemExit(f"scale {scale} does not map {CROP}-pixel crops to whole latents")
     photos = list_photos(data)
     cache.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -87,14 +89,16 @@ def build_cache(data: Path, cache: Path, seed: int, model_name: str, scale: floa
         if out.exists():
             continue
         rng = np.random.default_rng([seed, index])
-        rgb = np.asarray(load_photo(path, data, scale))
+        rgb = np.asarray(load_photo(path, data))
         crops = []
         for _ in range(CROPS_PER_IMAGE):
             top = int(rng.integers(0, rgb.shape[0] - CROP + 1))
             left = int(rng.integers(0, rgb.shape[1] - CROP + 1))
             crops.append(rgb[top:top + CROP, left:left + CROP])
         pixels = np.stack(crops)
-        latents = model.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1).numpy()
+        coded_pixels = pixels if scale == 1 else np.stack(
+            [np.asarray(Image.fromarray(c).resize((coded, coded), Image.Resampling.LANCZOS)) for c in crops])
+        latents = model.encode(torch.from_numpy(coded_pixels).permute(0, 3, 1, 2).float() / 127.5 - 1).numpy()
         tmp = out.with_suffix(".tmp.npz")
         np.savez(tmp, pixels=pixels, latents=latents, source=str(path.relative_to(data)))
         tmp.replace(out)
@@ -299,8 +303,6 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help=f"default: {DEFAULT_CACHE}, with the model's name for taesd3")
     parser.add_argument("--out", type=Path, help="default: pillow_sdlatent/weights/restorer_MODEL.safetensors")
     parser.add_argument("--stages", default="cache,latent,pixel,val")
-    parser.add_argument("--cache-scale", type=float, default=1.0,
-                        help="resize the photos by this before cropping (the codec's scale per rate)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--width", type=int, default=32, help="restorer channels at latent resolution")
@@ -329,7 +331,7 @@ def main() -> None:
     if args.out is None:
         args.out = WEIGHTS_DIR / f"restorer_{args.model}.safetensors"
     if "cache" in stages:
-        build_cache(args.data, args.cache, args.seed, args.model, args.cache_scale)
+        build_cache(args.data, args.cache, args.seed, args.model)
     if not stages & {"latent", "pixel", "val"}:
         return
     data = load_cache(args.cache, len(list_photos(args.data)))

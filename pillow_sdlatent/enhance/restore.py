@@ -4,8 +4,9 @@ Coarse quantization leaves noise in the latent, and it shows as blotches and col
 - SD 1.x latents: a small network, conditioned on the file's quantization step, predicts a residual
   towards the clean latent before the decoder runs (``training/train_restorer.py``). It runs on the
   CPU in float32, so its output does not depend on the decode device.
-- ``taesd3``: a restoring decoder, the model's own decoder fine-tuned on its quantized latents against
-  the photos (``training/train_decoder.py``), decodes in its place (``restoring_decoder``).
+- ``taesd3``: restoring decoders, the model's own decoder fine-tuned on its quantized latents against
+  the photos (``training/train_decoder.py``), decode in its place (``restoring_decoder``): one for files
+  coded whole, one for files coded smaller, judged on its output scaled back up.
 
 Both were trained on photos outside the test sets; their weights ship inside the package, so restoring
 needs no download.
@@ -85,24 +86,30 @@ def _weights_for(model_name: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-#: model -> its restoring decoder's weights file (float16, the decoder's tensors in diffusers' names)
-DECODERS = {"taesd3": "restorer_taesd3_decoder.safetensors"}
-#: a file's largest component step where the restoring decoder runs: the range it was trained on, from
+#: model -> its restoring decoders' weights files (float16, the decoder's tensors in diffusers' names): one
+#: for files coded at the image's own size, one for files coded smaller, trained with its loss on the decode
+#: scaled back up as the reader scales it (each is worse on the other's files: training/README.md)
+DECODERS = {"taesd3": {"whole": "restorer_taesd3_decoder.safetensors",
+                       "scaled": "restorer_taesd3_scaled_decoder.safetensors"}}
+#: a file's largest component step where the restoring decoders run: the range they were trained on, from
 #: quality 100's step to the coarsest a taesd3 file gets
 DECODER_STEPS = (0.1, 2.5)
+#: the coded sizes (fraction of the image's) where the scaled one runs: trained at 0.625, measured from 0.5
+#: to 0.875 (docs/fidelity/restoring_decoder)
+SCALED_DECODER_SCALES = (0.5, 0.7)
 
 
-def restoring_decoder(model: LatentModel, step: float, coded_whole: bool) -> LatentModel:
-    """``model`` decoding with its restoring decoder, where it has one, a file's largest ``step`` is in the
-    range it was trained on, the file was ``coded_whole`` (at the image's own size), and ``model``'s decoder
-    is the one it was fine-tuned from; else ``model``.
-
-    Why only whole: at a lower scale it is closer to the photo at the coded size on both PSNR and ST-LPIPS,
-    but its smoother output, scaled up, loses the texture ST-LPIPS reads (held-out photos at quality 70,
-    scale 0.625: PSNR +0.48 dB, ST-LPIPS 0.094 -> 0.170; docs/fidelity/restoring_decoder)."""
-    file = DECODERS.get(model.spec.name)
-    if (file is None or not coded_whole or not (WEIGHTS_DIR / file).is_file()
-            or not DECODER_STEPS[0] <= step <= DECODER_STEPS[1]):
+def restoring_decoder(model: LatentModel, step: float, scale: float) -> LatentModel:
+    """``model`` decoding with its restoring decoder for a file coded at ``scale`` of the image's size (1:
+    whole), where it has one, the file's largest ``step`` is in the range it was trained on, and ``model``'s
+    decoder is the one it was fine-tuned from; else ``model``."""
+    files = DECODERS.get(model.spec.name)
+    whole = scale == 1
+    if (files is None or not DECODER_STEPS[0] <= step <= DECODER_STEPS[1]
+            or not (whole or SCALED_DECODER_SCALES[0] <= scale <= SCALED_DECODER_SCALES[1])):
+        return model
+    file = files["whole" if whole else "scaled"]
+    if not (WEIGHTS_DIR / file).is_file():
         return model
     tensors, base_digest = _loaded.get(("decoder", file), lambda: _read_decoder(WEIGHTS_DIR / file))
     if base_digest != model.decoder_digest.hex():  # other weights were asked for: decode with them as they are
