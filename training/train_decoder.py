@@ -18,8 +18,8 @@ read):
 The scaled one starts from the whole one and takes its loss on the decode scaled back up to full-size crops
 (a cache of those and the latents of their 0.625-scaled versions is built on first use):
 
-    PILLOW_SDLATENT_MODELS=../shared/models/taesd HF_HUB_OFFLINE=1 python training/train_decoder.py \
-        --scaled-cache ~/.cache/pillow_sdlatent/restorer_taesd3_full0625 --scaled-every 1 --lpips-weight 0.3 \
+    PILLOW_SDLATENT_MODELS=../shared/models/taesd HF_HUB_OFFLINE=1 python training/train_decoder.py \\
+        --scaled-cache ~/.cache/pillow_sdlatent/restorer_taesd3_full0625 --scaled-every 1 --lpips-weight 0.3 \\
         --init pillow_sdlatent/weights/restorer_taesd3_decoder.safetensors --iters 1200 --lr 5e-5 --val-every 600
 """
 
@@ -83,12 +83,17 @@ def upscale(decoded: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return torch.einsum("oh,nchw,pw->ncop", matrix, rounded, matrix).clamp(-1, 1)
 
 
+def grid_block(scale: float) -> int:
+    """The fewest latents whose pixels at ``scale`` span a whole number of full-size pixels (0.625: 5 -> 64)."""
+    return next(k for k in range(1, 64) if (8 * k / scale).is_integer())
+
+
 def scaled_batch(latents: torch.Tensor, pixels: torch.Tensor, size: int, scale: float,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` random latent crops, one aligned block smaller than the cached ones, at offsets where latent
     and full-size pixel grids meet (multiples of ``block`` latents), with their full-size pixel crops."""
     n, _, side, _ = latents.shape
-    block = next(k for k in range(1, side) if (8 * k / scale).is_integer())
+    block = grid_block(scale)
     full = round(8 * block / scale)
     crop = side - block
     zs, xs = [], []
@@ -193,8 +198,7 @@ def main() -> None:
         scaled_latents = torch.from_numpy(scaled["train"]["latents"]).float()
         scaled_pixels = torch.from_numpy(scaled["train"]["pixels"]).permute(0, 3, 1, 2)
         side = scaled_latents.shape[-1]
-        block = next(k for k in range(1, side) if (8 * k / args.scale).is_integer())
-        train_matrix, val_matrix = (upscaling(8 * n, args.scale) for n in (side - block, side))
+        train_matrix, val_matrix = (upscaling(8 * n, args.scale) for n in (side - grid_block(args.scale), side))
     if args.init is not None:
         from safetensors.torch import load_file
 
