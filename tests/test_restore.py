@@ -124,18 +124,18 @@ def _held_out_crop(name: str) -> Image.Image:
         return image.convert("RGB").crop((0, 0, 256, 256))
 
 
-@pytest.mark.parametrize("kind", ["whole", "scaled"])
-def test_restoring_decoder_ships_and_records_its_origin(kind: str) -> None:
+@pytest.mark.parametrize("scale", [1.0, 0.625])
+def test_restoring_decoder_ships_and_records_its_origin(scale: float) -> None:
     """Float16 weights of the decoder's own shape, fine-tuned from the shipped taesd3 decoder."""
     from pillow_sdlatent.models import onnx_graphs
 
-    path = restore.WEIGHTS_DIR / restore.DECODERS["taesd3"][kind]
+    path = restore.WEIGHTS_DIR / restore.decoder_file("taesd3", scale)
     assert path.stat().st_size < 2_600_000
     tensors, meta = onnx_graphs.read_safetensors(path)
     model = load_model("taesd3")
     assert meta["base_digest"] == model.decoder_digest.hex()
     assert set(tensors) == {key for key in model._state if key.startswith("decoder.")}
-    assert meta.get("scale") == (None if kind == "whole" else "0.625")
+    assert meta.get("scale") == (None if scale == 1 else str(scale))
 
 
 @pytest.mark.parametrize("name", HELD_OUT)

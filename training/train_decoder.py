@@ -55,7 +55,7 @@ from train_restorer import (  # noqa: E402
     relative_errors,
 )
 
-from pillow_sdlatent.enhance.restore import DECODER_STEPS, DECODERS  # noqa: E402
+from pillow_sdlatent.enhance.restore import DECODER_STEPS, decoder_file  # noqa: E402
 from pillow_sdlatent.weights import WEIGHTS_DIR  # noqa: E402
 
 MODEL = "taesd3"
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--val-steps", type=float, nargs="+", default=[0.2, 0.4, 0.8, 1.6])
     args = parser.parse_args()
     only_scaled = args.scaled_cache is not None and args.scaled_every == 1
-    args.out = args.out or WEIGHTS_DIR / DECODERS[MODEL]["scaled" if only_scaled else "whole"]
+    args.out = args.out or WEIGHTS_DIR / decoder_file(MODEL, args.scale if only_scaled else 1.0)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from metrics import STLPIPS

@@ -86,30 +86,32 @@ def _weights_for(model_name: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-#: model -> its restoring decoders' weights files (float16, the decoder's tensors in diffusers' names): one
-#: for files coded at the image's own size, one for files coded smaller, trained with its loss on the decode
-#: scaled back up as the reader scales it (each is worse on the other's files: training/README.md)
-DECODERS = {"taesd3": {"whole": "restorer_taesd3_decoder.safetensors",
-                       "scaled": "restorer_taesd3_scaled_decoder.safetensors"}}
+#: model -> its restoring decoders (float16 files, the decoder's tensors in diffusers' names) by the coded
+#: scale of the files they serve (the fraction of the image's size; 1: coded whole), lowest first: (from
+#: this scale, weights file or None for the original decoder). The whole-file one is trained at the coded
+#: size; a scaled one with its loss on the decode scaled back up from its scale, which sharpens ahead of
+#: the upscaling: worse on whole files, and it over-sharpens at 0.75 and 0.875 (trained at 0.625, measured
+#: from 0.5 to 0.875; docs/fidelity/restoring_decoder, training/README.md)
+DECODERS: dict[str, tuple[tuple[float, str | None], ...]] = {
+    "taesd3": ((0.5, "restorer_taesd3_scaled_decoder.safetensors"), (0.7, None),
+               (1.0, "restorer_taesd3_decoder.safetensors")),
+}
 #: a file's largest component step where the restoring decoders run: the range they were trained on, from
 #: quality 100's step to the coarsest a taesd3 file gets
 DECODER_STEPS = (0.1, 2.5)
-#: the coded sizes (fraction of the image's) where the scaled one runs: trained at 0.625, measured from 0.5
-#: to 0.875 (docs/fidelity/restoring_decoder)
-SCALED_DECODER_SCALES = (0.5, 0.7)
+
+
+def decoder_file(model_name: str, scale: float) -> str | None:
+    """The restoring decoder's weights file for ``model_name``'s files coded at ``scale``, or None."""
+    return next((file for lowest, file in reversed(DECODERS.get(model_name, ())) if scale >= lowest), None)
 
 
 def restoring_decoder(model: LatentModel, step: float, scale: float) -> LatentModel:
     """``model`` decoding with its restoring decoder for a file coded at ``scale`` of the image's size (1:
     whole), where it has one, the file's largest ``step`` is in the range it was trained on, and ``model``'s
     decoder is the one it was fine-tuned from; else ``model``."""
-    files = DECODERS.get(model.spec.name)
-    whole = scale == 1
-    if (files is None or not DECODER_STEPS[0] <= step <= DECODER_STEPS[1]
-            or not (whole or SCALED_DECODER_SCALES[0] <= scale <= SCALED_DECODER_SCALES[1])):
-        return model
-    file = files["whole" if whole else "scaled"]
-    if not (WEIGHTS_DIR / file).is_file():
+    file = decoder_file(model.spec.name, scale)
+    if file is None or not DECODER_STEPS[0] <= step <= DECODER_STEPS[1] or not (WEIGHTS_DIR / file).is_file():
         return model
     tensors, base_digest = _loaded.get(("decoder", file), lambda: _read_decoder(WEIGHTS_DIR / file))
     if base_digest != model.decoder_digest.hex():  # other weights were asked for: decode with them as they are
