@@ -111,16 +111,19 @@ def restoring_decoder(model: LatentModel, step: float, scale: float) -> LatentMo
     whole), where it has one, the file's largest ``step`` is in the range it was trained on, and ``model``'s
     decoder is the one it was fine-tuned from; else ``model``."""
     file = decoder_file(model.spec.name, scale)
-    if file is None or not DECODER_STEPS[0] <= step <= DECODER_STEPS[1] or not (WEIGHTS_DIR / file).is_file():
+    if file is None or not DECODER_STEPS[0] <= step <= DECODER_STEPS[1]:
         return model
     tensors, base_digest = _loaded.get(("decoder", file), lambda: _read_decoder(WEIGHTS_DIR / file))
-    if base_digest != model.decoder_digest.hex():  # other weights were asked for: decode with them as they are
+    if base_digest != model.decoder_digest.hex():  # missing, or other weights were asked for: decode as it is
         return model
     return model.with_decoder(file, lambda: tensors)
 
 
 def _read_decoder(path: Path) -> tuple[dict[str, np.ndarray], str]:
-    """A restoring decoder's tensors and the digest of the decoder it was fine-tuned from."""
+    """A restoring decoder's tensors and the digest of the decoder it was fine-tuned from (none: no file).
+    Checked once here, with the read, rather than on every decode."""
+    if not path.is_file():
+        return {}, ""
     tensors, meta = onnx_graphs.read_safetensors(path)
     return tensors, meta.get("base_digest", "")
 
