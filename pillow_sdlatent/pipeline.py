@@ -48,11 +48,11 @@ class _EncodeJob:
     fine_detail: Callable[[], bool]  # rate.holds_fine_detail of the image, checked once when first asked
 
     def restoration_off(self, quantizer: quantize.Quantizer) -> bool:
-        """Whether a file stored by ``quantizer`` says not to run the restorer: the restorer redraws small
-        text (docs/fidelity/restoration), so where it would run, fine detail turns it off."""
-        from .enhance.restore import has_restorer
+        """Whether a file stored by ``quantizer`` says not to run the restoration: where the one that would
+        run redraws small text (``restore.redraws_text``), fine detail turns it off."""
+        from .enhance.restore import redraws_text
 
-        return has_restorer(self.options.model, max(quantizer.steps)) and self.fine_detail()
+        return redraws_text(self.options.model, max(quantizer.steps), self.scale) and self.fine_detail()
 
     def quantizer_at(self, step: float, latent: np.ndarray) -> quantize.Quantizer:
         """The quantizer a file of ``latent`` at ``step`` is stored with."""
@@ -60,9 +60,12 @@ class _EncodeJob:
 
     def refined(self, latent: np.ndarray, step: float) -> np.ndarray:
         """The effort's latent for ``step``, optimised through what the reader will run on that file."""
+        from .enhance.restore import restores_latent
+
         quantizer = self.quantizer_at(step, latent)
+        restored = restores_latent(self.options.model, max(quantizer.steps), self.scale)
         return effort.refine_latent(self.model, latent, self.rgb, quantizer, self.options.effort,
-                                    restored=not self.restoration_off(quantizer))
+                                    restored=restored and not self.restoration_off(quantizer))
 
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
         quantizer = self.quantizer_at(step, latent)
@@ -338,7 +341,7 @@ def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, options: Deco
     if restores(layout, options):
         from .enhance import restore as restorer
 
-        if restorer.has_restorer(decoder.spec.name, step):
+        if restorer.restores_latent(decoder.spec.name, step, coded_scale(layout.header)):
             return restorer.restore_latent(latent, step, decoder.spec.name)
     return latent
 

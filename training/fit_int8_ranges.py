@@ -6,7 +6,8 @@ held-out split of ``benchmarks/decoder_variants.py`` (its ``calibration_paths``;
 centre-cropped to 384x256 and saved at the default quality, as the decoder gets them on decode. Each
 activation's range is its min and max over all of them (MinMax calibration), as the recipe
 ``int8-float-first-last`` of docs/speed/variants.md does. Writes pillow_sdlatent/weights/int8_ranges.json with
-the decoder digest of the weights the ranges belong to (the codec decodes in int8 only with those).
+the decoder digest of the weights the ranges belong to (the codec decodes in int8 only with those); the
+same for taesd's restoring decoders (``enhance.restore``), over the latents of the files they serve.
 Deterministic; about a minute on 2 CPU cores:
 
     PILLOW_SDLATENT_MODELS=../shared/models/taesd python training/fit_int8_ranges.py
@@ -23,17 +24,25 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
+from pillow_sdlatent.enhance import restore
 from pillow_sdlatent.models import load_model, onnx_graphs
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "pillow_sdlatent" / "weights" / "int8_ranges.json"
+#: the qualities taesd's restoring decoders are calibrated at: the files they serve, coded at 0.625 to 0.875
+#: of the image's size, before the latent restorer's steps (the default quality codes taesd3, so it is not one)
+RESTORING_QUALITIES = (30, 45, 60)
 sys.path.insert(0, str(REPO / "benchmarks"))
 from decoder_variants import CALIBRATION_PHOTOS, CALIBRATION_SIZE, calibration_paths, codec_latent, load_rgb  # noqa: E402
 
 
-def fit(model_name: str, photos: list[Path]) -> dict[str, object]:
-    """The ranges (min, max) per tapped activation of ``model_name``'s decoder over the photos' latents."""
+def fit(model_name: str, photos: list[Path], decoder_file: str | None = None,
+        qualities: tuple[int | None, ...] = (None,)) -> dict[str, object]:
+    """The ranges (min, max) per tapped activation of ``model_name``'s decoder (or of its restoring decoder
+    ``decoder_file``) over the photos' latents at ``qualities`` (None: the default)."""
     model = load_model(model_name, device="cpu", runtime="onnxruntime")
+    if decoder_file is not None:
+        model = model.with_decoder(decoder_file, lambda: restore.read_decoder(decoder_file)[0])
     graph, taps = onnx_graphs.taesd_decoder_taps(model._state)
     session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
     low = dict.fromkeys(taps, np.inf)
@@ -41,14 +50,17 @@ def fit(model_name: str, photos: list[Path]) -> dict[str, object]:
     for path in photos:
         if path.name.lower().startswith("kodim"):
             raise SystemExit(f"refusing a Kodak photo: {path}")
-        latent, _ = codec_latent(load_rgb(path, CALIBRATION_SIZE), {"model": model_name})
-        outputs = session.run(list(taps.values()), {"input": latent[None]})
-        for name, values in zip(taps, outputs, strict=True):
-            low[name] = min(low[name], float(values.min()))
-            high[name] = max(high[name], float(values.max()))
+        for quality in qualities:
+            options = {"model": model_name} if quality is None else {"model": model_name, "quality": quality}
+            latent, _ = codec_latent(load_rgb(path, CALIBRATION_SIZE), options, cleaned=decoder_file is None)
+            outputs = session.run(list(taps.values()), {"input": latent[None]})
+            for name, values in zip(taps, outputs, strict=True):
+                low[name] = min(low[name], float(values.min()))
+                high[name] = max(high[name], float(values.max()))
+    named = "default quality" if qualities == (None,) else f"qualities {', '.join(map(str, qualities))}"
     return {"decoder_digest": model.decoder_digest.hex(),
-            "calibration": f"MinMax over {len(photos)} training photos, {CALIBRATION_SIZE[0]}x{CALIBRATION_SIZE[1]}, "
-                           "default quality",
+            "calibration": f"MinMax over {len(photos)} training photos, "
+                           f"{CALIBRATION_SIZE[0]}x{CALIBRATION_SIZE[1]}, {named}",
             "ranges": {name: [low[name], high[name]] for name in taps}}
 
 
@@ -56,11 +68,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUTPUT)
     args = parser.parse_args()
-    fitted = {"taesd": fit("taesd", calibration_paths(CALIBRATION_PHOTOS))}
+    photos = calibration_paths(CALIBRATION_PHOTOS)
+    fitted = {"taesd": fit("taesd", photos)}
+    for file in sorted({file for _, file in restore.DECODERS["taesd"] if file}):
+        fitted[file] = fit("taesd", photos, file, RESTORING_QUALITIES)
     text = json.dumps(fitted, indent=1)
     args.out.write_text(re.sub(r"\[\s+([^][]*?)\s+\]", lambda pair: f"[{' '.join(pair.group(1).split())}]", text)
                         + "\n")  # one range a line
-    print(f"wrote {args.out}: {len(fitted['taesd']['ranges'])} ranges for taesd")
+    print(f"wrote {args.out}: {len(fitted['taesd']['ranges'])} ranges for each of {', '.join(fitted)}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Train taesd3's restoring decoders, shipped as ``pillow_sdlatent/weights/restorer_taesd3_decoder.safetensors``
-(files coded whole) and ``restorer_taesd3_scaled_decoder.safetensors`` (files coded smaller).
+"""Train the restoring decoders (``restore.DECODERS``): for taesd3, ``restorer_taesd3_decoder.safetensors``
+(files coded whole) and ``restorer_taesd3_scaled_decoder.safetensors`` (files coded smaller); for taesd
+(``--model taesd``), one per coded scale (commands in training/README.md).
 
 TAESD's decoders were trained on clean latents; a file gives them quantized ones. This fine-tunes the
-decoder on latents quantized as the codec quantizes them (``klt`` components, steps across
-``restore.DECODER_STEPS``) against the photo. The loss is pixel MSE plus ST-LPIPS, each relative to the
-original decoder's output for the same latent, so that it gains PSNR without trading away the look
-(MSE alone blurs; see training/README.md for what else was tried).
+decoder on latents quantized as the codec quantizes them (taesd3's ``klt`` components, taesd's plain
+rounding; steps across ``restore.DECODER_STEPS``, for taesd ``--steps 0.1 0.45``) against the photo. The
+loss is pixel MSE plus ST-LPIPS, each relative to the original decoder's output for the same latent, so
+that it gains PSNR without trading away the look (MSE alone blurs; see training/README.md for what else
+was tried).
 
 Reproducible on this project's 2-core CPU, seeded (data, times, results: training/README.md); it reuses
 ``train_restorer.py``'s cache of 256x256 crops and their latents (every 20th photo held out, Kodak never
@@ -43,10 +45,10 @@ sys.path.insert(0, str(REPO / "training"))
 
 from PIL import Image  # noqa: E402
 from train_restorer import (  # noqa: E402
-    DEFAULT_CACHE,
     DEFAULT_DATA,
     Degrader,
     build_cache,
+    crop_cache,
     decode,
     list_photos,
     load_cache,
@@ -58,12 +60,10 @@ from train_restorer import (  # noqa: E402
 from pillow_sdlatent.enhance.restore import DECODER_STEPS, decoder_file  # noqa: E402
 from pillow_sdlatent.weights import WEIGHTS_DIR  # noqa: E402
 
-MODEL = "taesd3"
 
-
-def draw_steps(generator: torch.Generator, count: int, weight: float) -> torch.Tensor:
-    """Base steps whose largest component step (``weight`` times the base) is log-uniform over DECODER_STEPS."""
-    low, high = (math.log(s / weight) for s in DECODER_STEPS)
+def draw_steps(generator: torch.Generator, count: int, steps: tuple[float, float], weight: float) -> torch.Tensor:
+    """Base steps whose largest component step (``weight`` times the base) is log-uniform over ``steps``."""
+    low, high = (math.log(s / weight) for s in steps)
     return torch.exp(low + torch.rand(count, generator=generator) * (high - low)).view(-1, 1, 1, 1)
 
 
@@ -117,7 +117,7 @@ def validate(original: torch.nn.Module, tuned: torch.nn.Module, data: dict, step
     latents = torch.from_numpy(data["val"]["latents"]).float()
     pixels = torch.from_numpy(data["val"]["pixels"]).permute(0, 3, 1, 2).double()
     target = pixels.float() / 127.5 - 1
-    weight = float(degrade.klt[2].max())
+    weight = degrade.largest_weight
     rows = []
     with torch.no_grad():
         for step in steps:
@@ -149,13 +149,15 @@ def save_decoder(decoder: torch.nn.Module, out: Path, base_digest: str, meta: di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(DECODER_STEPS), default="taesd3")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE.with_name(f"restorer_{MODEL}"),
-                        help="train_restorer.py's crop cache")
+    parser.add_argument("--cache", type=Path, default=None, help="train_restorer.py's crop cache (default: its own)")
     parser.add_argument("--scaled-cache", type=Path, default=None,
                         help="a cache of full-size crops and the latents of their --scale versions (built if "
                              "missing): every --scaled-every-th batch then comes from it, with the loss on the "
                              "decode scaled back up")
+    parser.add_argument("--steps", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="range of the largest component step drawn (default: the model's DECODER_STEPS)")
     parser.add_argument("--scaled-every", type=int, default=2)
     parser.add_argument("--scale", type=float, default=0.625)
     parser.add_argument("--init", type=Path, default=None, help="start from these restoring-decoder weights")
@@ -173,19 +175,20 @@ def main() -> None:
     parser.add_argument("--val-steps", type=float, nargs="+", default=[0.2, 0.4, 0.8, 1.6])
     args = parser.parse_args()
     only_scaled = args.scaled_cache is not None and args.scaled_every == 1
-    args.out = args.out or WEIGHTS_DIR / decoder_file(MODEL, args.scale if only_scaled else 1.0)
+    args.cache = args.cache or crop_cache(args.model)
+    args.out = args.out or WEIGHTS_DIR / decoder_file(args.model, args.scale if only_scaled else 1.0)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from metrics import STLPIPS
 
     from pillow_sdlatent.models import load_model
 
-    loaded = load_model(MODEL, device="cpu")
+    loaded = load_model(args.model, device="cpu")
     original = loaded.module
     tuned = copy.deepcopy(original).requires_grad_(False)
     tuned.decoder.requires_grad_(True)
-    degrade = Degrader(MODEL)
-    weight = float(degrade.klt[2].max())
+    degrade = Degrader(args.model)
+    weight = degrade.largest_weight
     lpips = STLPIPS("alex").net
     data = load_cache(args.cache, len(list_photos(args.data)))
     print(f"train crops {len(data['train']['latents'])}, val crops {len(data['val']['latents'])}", flush=True)
@@ -193,7 +196,7 @@ def main() -> None:
     pixels = torch.from_numpy(data["train"]["pixels"]).permute(0, 3, 1, 2)
     scaled = None
     if args.scaled_cache is not None:
-        build_cache(args.data, args.scaled_cache, args.seed, MODEL, args.scale)
+        build_cache(args.data, args.scaled_cache, args.seed, args.model, args.scale)
         scaled = load_cache(args.scaled_cache, len(list_photos(args.data)))
         scaled_latents = torch.from_numpy(scaled["train"]["latents"]).float()
         scaled_pixels = torch.from_numpy(scaled["train"]["pixels"]).permute(0, 3, 1, 2)
@@ -214,7 +217,7 @@ def main() -> None:
         else:
             z, x = random_batch(latents, pixels, args.batch, args.crop, generator)
         target = x.float() / 127.5 - 1
-        noisy, _ = degrade(z, draw_steps(generator, len(z), weight))
+        noisy, _ = degrade(z, draw_steps(generator, len(z), args.steps or DECODER_STEPS[args.model], weight))
         with torch.no_grad():
             plain = decode(original, noisy)
         decoded = decode(tuned, noisy)

@@ -61,6 +61,11 @@ def list_photos(data: Path) -> list[Path]:
     return photos
 
 
+def crop_cache(model_name: str) -> Path:
+    """The default cache of a model's crops and latents: DEFAULT_CACHE, with the model's name but for taesd."""
+    return DEFAULT_CACHE if model_name == "taesd" else DEFAULT_CACHE.with_name(f"restorer_{model_name}")
+
+
 def load_photo(path: Path, data: Path) -> Image.Image:
     with Image.open(path) as image:
         rgb = image.convert("RGB")
@@ -142,6 +147,11 @@ class Degrader:
             values.abs() + (0.5 - self.offset))
         back = torch.einsum("kc,nkhw->nchw", matrix, symbols * steps) + mean.view(1, -1, 1, 1)
         return back, step * weights.max()
+
+    @property
+    def largest_weight(self) -> float:
+        """The largest component step over the base step: the file's largest step is this times the base."""
+        return 1.0 if self.klt is None else float(self.klt[2].max())
 
 
 def draw_steps(generator: torch.Generator, count: int) -> torch.Tensor:
@@ -327,7 +337,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     stages = set(args.stages.split(","))
     if args.cache is None:
-        args.cache = DEFAULT_CACHE if args.model == "taesd" else DEFAULT_CACHE.with_name(f"restorer_{args.model}")
+        args.cache = crop_cache(args.model)
     if args.out is None:
         args.out = WEIGHTS_DIR / f"restorer_{args.model}.safetensors"
     if "cache" in stages:

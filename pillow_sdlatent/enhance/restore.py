@@ -1,12 +1,13 @@
 """Decoder-side restoration: undo part of the quantization noise that the VAE decoder never saw in training.
 
 Coarse quantization leaves noise in the latent, and it shows as blotches and colour shifts.
-- SD 1.x latents: a small network, conditioned on the file's quantization step, predicts a residual
-  towards the clean latent before the decoder runs (``training/train_restorer.py``). It runs on the
-  CPU in float32, so its output does not depend on the decode device.
-- ``taesd3``: restoring decoders, the model's own decoder fine-tuned on its quantized latents against
-  the photos (``training/train_decoder.py``), decode in its place (``restoring_decoder``): one for files
-  coded whole, one for files coded smaller, judged on its output scaled back up.
+- Restoring decoders: the model's own decoder fine-tuned on its quantized latents against the photos
+  (``training/train_decoder.py``) decodes in its place (``restoring_decoder``), chosen by the file's coded
+  scale and step (``DECODERS``, ``DECODER_STEPS``); those for files coded smaller were judged on their
+  output scaled back up. ``taesd3`` has them at every step, ``taesd`` up to step 0.7.
+- SD 1.x latents at coarser steps: a small network, conditioned on the file's quantization step, predicts
+  a residual towards the clean latent before the decoder runs (``training/train_restorer.py``). It runs
+  on the CPU in float32, so its output does not depend on the decode device.
 
 Both were trained on photos outside the test sets; their weights ship inside the package, so restoring
 needs no download.
@@ -36,7 +37,8 @@ WEIGHTS = {"sd1": "restorer_taesd.safetensors"}
 #: sets (not Kodak): below about 0.45 it still gains PSNR (+0.03 dB at 0.15, +0.2 dB at 0.4) but smooths
 #: away noise that ST-LPIPS reads as texture. It was trained up to step 2.0 and still helps beyond: on 8
 #: training photos (every 40th from the 11th) PSNR +1.06 dB at step 3.0 (7 of 8 better), but -0.29 dB at
-#: 4.0 (the coarsest quality) and worse above, so it stays off there (rate control may go to 16).
+#: 4.0 (the coarsest quality) and worse above, so it stays off there (rate control may go to 16). Where a
+#: restoring decoder serves the file (taesd, up to 0.7: ``DECODER_STEPS``) that one runs instead.
 HELPFUL_STEPS = (0.45, 3.0)
 ARCH_VERSION = "1"
 #: the torch half (``restore_net``), imported only when asked for: decoding needs no torch
@@ -88,17 +90,25 @@ def _weights_for(model_name: str) -> Path | None:
 
 #: model -> its restoring decoders (float16 files, the decoder's tensors in diffusers' names) by the coded
 #: scale of the files they serve (the fraction of the image's size; 1: coded whole), lowest first: (from
-#: this scale, weights file or None for the original decoder). The whole-file one is trained at the coded
-#: size; a scaled one with its loss on the decode scaled back up from its scale, which sharpens ahead of
-#: the upscaling: worse on whole files, and it over-sharpens at 0.75 and 0.875 (trained at 0.625, measured
-#: from 0.5 to 0.875; docs/fidelity/restoring_decoder, training/README.md)
+#: this scale, weights file or None for the original decoder). taesd3's whole-file one is trained at the
+#: coded size; a scaled one with its loss on the decode scaled back up from its scale, which sharpens ahead
+#: of the upscaling: worse on whole files, and taesd3's (perceptual weight 0.3, trained at 0.625)
+#: over-sharpens at 0.75 and 0.875. taesd's for 0.75 (perceptual weight 1) is better than the original on
+#: whole files too, so it serves up to 1 (docs/fidelity/restoring_decoder, training/README.md)
 DECODERS: dict[str, tuple[tuple[float, str | None], ...]] = {
     "taesd3": ((0.5, "restorer_taesd3_scaled_decoder.safetensors"), (0.7, None),
                (1.0, "restorer_taesd3_decoder.safetensors")),
+    "taesd": ((0.5, "restorer_taesd_scaled_decoder.safetensors"), (0.7, "restorer_taesd_decoder.safetensors")),
 }
-#: a file's largest component step where the restoring decoders run: the range they were trained on, from
-#: quality 100's step to the coarsest a taesd3 file gets
-DECODER_STEPS = (0.1, 2.5)
+#: model -> a file's largest component step where its restoring decoders run. taesd3: the range they were
+#: trained on, from quality 100's step to the coarsest a taesd3 file gets. taesd: trained on 0.1-0.45; they
+#: take over from the latent restorer (which then does not run) up to 0.7: on 6 training photos outside
+#: every held-out set (``benchmarks/taesd_restoration.py``), at qualities 30-50 (steps 0.46-0.58) PSNR
+#: 20.43/20.71/21.00 -> 20.96/20.89/21.14 dB, ST-LPIPS 0.177/0.147/0.141 -> 0.164/0.133/0.134; at steps
+#: 0.60-0.62 (3 files at 0.1 bpp) level or better on both; from 0.73 the restorer gains more PSNR (at
+#: quality 20, step 0.94: 19.49 against 19.25 dB, ST-LPIPS 0.222 against 0.249). The two together lose
+#: ST-LPIPS.
+DECODER_STEPS: dict[str, tuple[float, float]] = {"taesd3": (0.1, 2.5), "taesd": (0.1, 0.7)}
 
 
 def decoder_file(model_name: str, scale: float) -> str | None:
@@ -106,26 +116,37 @@ def decoder_file(model_name: str, scale: float) -> str | None:
     return next((file for lowest, file in reversed(DECODERS.get(model_name, ())) if scale >= lowest), None)
 
 
+def serving_decoder(model_name: str, step: float, scale: float) -> str | None:
+    """The restoring decoder's weights file for a file of ``model_name`` coded at ``scale`` of the image's
+    size (1: whole) whose largest component step is ``step``, if one serves it (``DECODER_STEPS``)."""
+    low, high = DECODER_STEPS.get(model_name, (0.0, 0.0))
+    return decoder_file(model_name, scale) if low <= step < high else None
+
+
 def restoring_decoder(model: LatentModel, step: float, scale: float) -> LatentModel:
-    """``model`` decoding with its restoring decoder for a file coded at ``scale`` of the image's size (1:
-    whole), where it has one, the file's largest ``step`` is in the range it was trained on, and ``model``'s
-    decoder is the one it was fine-tuned from; else ``model``."""
-    file = decoder_file(model.spec.name, scale)
-    if file is None or not DECODER_STEPS[0] <= step <= DECODER_STEPS[1]:
+    """``model`` decoding with the restoring decoder that serves its files at ``step`` and ``scale``
+    (``serving_decoder``), where ``model``'s decoder is the one it was fine-tuned from; else ``model``."""
+    file = serving_decoder(model.spec.name, step, scale)
+    if file is None:
         return model
-    tensors, base_digest = _loaded.get(("decoder", file), lambda: _read_decoder(WEIGHTS_DIR / file))
+    tensors, base_digest = read_decoder(file)
     if base_digest != model.decoder_digest.hex():  # missing, or other weights were asked for: decode as it is
         return model
     return model.with_decoder(file, lambda: tensors)
 
 
-def _read_decoder(path: Path) -> tuple[dict[str, np.ndarray], str]:
-    """A restoring decoder's tensors and the digest of the decoder it was fine-tuned from (none: no file).
-    Checked once here, with the read, rather than on every decode."""
-    if not path.is_file():
-        return {}, ""
-    tensors, meta = onnx_graphs.read_safetensors(path)
-    return tensors, meta.get("base_digest", "")
+def read_decoder(file: str) -> tuple[dict[str, np.ndarray], str]:
+    """A restoring decoder's tensors and the digest of the decoder it was fine-tuned from (none: no file);
+    read once. The file's existence is checked here, with the read, rather than on every decode."""
+
+    def read() -> tuple[dict[str, np.ndarray], str]:
+        path = WEIGHTS_DIR / file
+        if not path.is_file():
+            return {}, ""
+        tensors, meta = onnx_graphs.read_safetensors(path)
+        return tensors, meta.get("base_digest", "")
+
+    return _loaded.get(("decoder", file), read)
 
 
 def has_restorer(model_name: str, step: float | None = None) -> bool:
@@ -136,6 +157,26 @@ def has_restorer(model_name: str, step: float | None = None) -> bool:
     if _weights_for(model_name) is None:
         return False
     return step is None or HELPFUL_STEPS[0] <= step <= HELPFUL_STEPS[1]
+
+
+#: models whose restoring decoders keep small text: taesd3's read it better (docs/fidelity/restoring_decoder,
+#: text at a quality); taesd's redraw it (3 held-out text cards at 0.2 bpp: 19-28 px lines read 0.76
+#: against 0.83, 10-14 px 0.18 against 0.29), as the latent restorer does (docs/fidelity/restoration)
+DECODERS_KEEP_TEXT = frozenset({"taesd3"})
+
+
+def redraws_text(model_name: str, step: float, scale: float) -> bool:
+    """Whether the restoration that would serve a file of ``model_name`` at ``step``, coded at ``scale``,
+    redraws small text, so that a file of an image with small text must turn it off."""
+    if serving_decoder(model_name, step, scale) is not None:
+        return model_name not in DECODERS_KEEP_TEXT
+    return has_restorer(model_name, step)
+
+
+def restores_latent(model_name: str, step: float, scale: float) -> bool:
+    """Whether the latent restorer runs on a file of ``model_name`` at ``step``, coded at ``scale``: where it
+    helps, unless a restoring decoder serves that file (it does better there; ``DECODER_STEPS``)."""
+    return has_restorer(model_name, step) and serving_decoder(model_name, step, scale) is None
 
 
 def restorer_net(model_name: str) -> torch.nn.Module:

@@ -134,15 +134,20 @@ class LatentModel:
         """Why this model cannot decode in int8, or None."""
         if self.runtime != "onnxruntime":
             return f"it runs on ONNX Runtime on the CPU, not on {self.runtime} ({self.device})"
-        fitted = int8_ranges().get(self.spec.name)
-        if fitted is None:
+        if self._fitted_ranges() is None:
+            if self.spec.name in int8_ranges():
+                return "its int8 ranges were fitted for other decoder weights than these"
             return "no int8 ranges were fitted for it"
-        if fitted["decoder_digest"] != self.decoder_digest.hex():
-            return "its int8 ranges were fitted for other decoder weights than these"
         return None
 
+    def _fitted_ranges(self) -> dict[str, list[float]] | None:
+        """The int8 ranges fitted for this very decoder (the model's own or a restoring decoder), if any."""
+        digest = self.decoder_digest.hex()
+        return next((fitted["ranges"] for fitted in int8_ranges().values() if fitted["decoder_digest"] == digest),
+                    None)
+
     def _int8_twin(self) -> LatentModel:
-        state, ranges = self._state, int8_ranges()[self.spec.name]["ranges"]
+        state, ranges = self._state, self._fitted_ranges()
         twin = copy.copy(self)
         twin.precision = "int8"
         graph = functools.partial(onnx_graphs.taesd_decoder_int8, state, ranges)
@@ -242,8 +247,8 @@ _models = LoadOnce()
 
 @functools.cache
 def int8_ranges() -> dict[str, Any]:
-    """Per model, the int8 decoder's activation ranges and the digest of the weights they were fitted for
-    (``training/fit_int8_ranges.py``)."""
+    """Per model (and per restoring decoder file), the int8 decoder's activation ranges and the digest of the
+    weights they were fitted for (``training/fit_int8_ranges.py``)."""
     return json.loads((WEIGHTS_DIR / "int8_ranges.json").read_text())
 
 
