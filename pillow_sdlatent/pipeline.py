@@ -47,12 +47,17 @@ class _EncodeJob:
     detailed: bool  # coded by the rules that keep small text (rate.holds_fine_detail, where it could matter)
     fine_detail: Callable[[], bool]  # rate.holds_fine_detail of the image, checked once when first asked
 
+    @property
+    def coded_scale(self) -> float:
+        """The file's coded scale as its reader will measure it (``pipeline.coded_scale``)."""
+        return scale_of(self.coded_size, self.image.width)
+
     def restoration_off(self, quantizer: quantize.Quantizer) -> bool:
         """Whether a file stored by ``quantizer`` says not to run the restoration: where the one that would
         run redraws small text (``restore.redraws_text``), fine detail turns it off."""
         from .enhance.restore import redraws_text
 
-        return redraws_text(self.options.model, max(quantizer.steps), self.scale) and self.fine_detail()
+        return redraws_text(self.options.model, max(quantizer.steps), self.coded_scale) and self.fine_detail()
 
     def quantizer_at(self, step: float, latent: np.ndarray) -> quantize.Quantizer:
         """The quantizer a file of ``latent`` at ``step`` is stored with."""
@@ -63,7 +68,7 @@ class _EncodeJob:
         from .enhance.restore import restores_latent
 
         quantizer = self.quantizer_at(step, latent)
-        restored = restores_latent(self.options.model, max(quantizer.steps), self.scale)
+        restored = restores_latent(self.options.model, max(quantizer.steps), self.coded_scale)
         return effort.refine_latent(self.model, latent, self.rgb, quantizer, self.options.effort,
                                     restored=restored and not self.restoration_off(quantizer))
 
@@ -258,7 +263,13 @@ def full_size(rgb: np.ndarray, header: Header) -> Image.Image:
 
 def coded_scale(header: Header) -> float:
     """The fraction of the image's size its latent was coded at (1: whole)."""
-    return 1.0 if header.coded_size is None else header.coded[0] / header.width
+    return scale_of(header.coded_size, header.width)
+
+
+def scale_of(coded_size: tuple[int, int] | None, width: int) -> float:
+    """The coded scale as the reader measures it, so that the encoder's choices (the no-restoration flag)
+    and the reader's pick the same restoration."""
+    return 1.0 if coded_size is None else coded_size[0] / width
 
 
 def decoder_for(layout: Layout, options: DecodeOptions) -> Any:
