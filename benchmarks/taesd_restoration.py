@@ -46,7 +46,7 @@ def decodes(data: bytes) -> tuple[float, float, dict[str, Image.Image]]:
     latent = read_latent(data)
     restored = restore.restore_latent(latent, step, "taesd")
     file = restore.decoder_file("taesd", scale)
-    tuned = model if file is None else model.with_decoder(file, lambda: restore.read_decoder(file)[0])
+    tuned = model if file is None else restore.decoding_with(model, file)
     pairs = {"plain": (model, latent), "restorer": (model, restored), "decoder": (tuned, latent),
              "both": (tuned, restored)}
     return step, scale, {way: pipeline.full_size(decoder.decode_image(z), header)

@@ -42,7 +42,7 @@ def fit(model_name: str, photos: list[Path], decoder_file: str | None = None,
     ``decoder_file``) over the photos' latents at ``qualities`` (None: the default)."""
     model = load_model(model_name, device="cpu", runtime="onnxruntime")
     if decoder_file is not None:
-        model = model.with_decoder(decoder_file, lambda: restore.read_decoder(decoder_file)[0])
+        model = restore.decoding_with(model, decoder_file)
     graph, taps = onnx_graphs.taesd_decoder_taps(model._state)
     session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
     low = dict.fromkeys(taps, np.inf)

@@ -127,15 +127,19 @@ def restoring_decoder(model: LatentModel, step: float, scale: float) -> LatentMo
     """``model`` decoding with the restoring decoder that serves its files at ``step`` and ``scale``
     (``serving_decoder``), where ``model``'s decoder is the one it was fine-tuned from; else ``model``."""
     file = serving_decoder(model.spec.name, step, scale)
-    if file is None:
-        return model
-    tensors, base_digest = read_decoder(file)
-    if base_digest != model.decoder_digest.hex():  # missing, or other weights were asked for: decode as it is
+    return model if file is None else decoding_with(model, file)
+
+
+def decoding_with(model: LatentModel, file: str) -> LatentModel:
+    """``model`` decoding with the restoring decoder in ``file`` (a twin built once), where that was fine-tuned
+    from ``model``'s decoder; else ``model`` (the file is missing, or other weights were asked for)."""
+    tensors, base_digest = _read_decoder(file)
+    if base_digest != model.decoder_digest.hex():
         return model
     return model.with_decoder(file, lambda: tensors)
 
 
-def read_decoder(file: str) -> tuple[dict[str, np.ndarray], str]:
+def _read_decoder(file: str) -> tuple[dict[str, np.ndarray], str]:
     """A restoring decoder's tensors and the digest of the decoder it was fine-tuned from (none: no file);
     read once. The file's existence is checked here, with the read, rather than on every decode."""
 
