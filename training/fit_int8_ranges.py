@@ -30,8 +30,9 @@ from pillow_sdlatent.models import load_model, onnx_graphs
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "pillow_sdlatent" / "weights" / "int8_ranges.json"
 #: the qualities taesd's restoring decoders are calibrated at: the files they serve, coded at 0.625 to 0.875
-#: of the image's size, before the latent restorer's steps (the default quality codes taesd3, so it is not one)
-RESTORING_QUALITIES = (30, 45, 60)
+#: of the image's size at steps 0.40 to 0.66, up to where the latent restorer takes over (0.7; the default
+#: quality codes taesd3, so it is not one)
+RESTORING_QUALITIES = (25, 30, 45, 60)
 sys.path.insert(0, str(REPO / "benchmarks"))
 from decoder_variants import CALIBRATION_PHOTOS, CALIBRATION_SIZE, calibration_paths, codec_latent, load_rgb  # noqa: E402
 
