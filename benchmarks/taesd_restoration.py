@@ -5,9 +5,9 @@ its coded scale, or both (what ``restore.DECODER_STEPS`` and ``restore.restores_
         --targets 20 30 40 50 60 0.06 0.08 0.1
 
 Training photos outside every held-out set (sorted index % 40 == 10; never Kodak), centre-cropped to at
-most 768x512, saved with ``model="taesd"`` at each target (a number from 1 up: a quality; below: ``bpp``).
-Each file's latent is decoded four ways and scored at full size; prints one row per file and the means
-per target, and writes a CSV.
+most 768x512 (512x768 upright; ``scale_per_rate.center_crop``), saved with ``model="taesd"`` at each
+target (a number from 1 up: a quality; below: ``bpp``). Each file's latent is decoded four ways and
+scored at full size; prints one row per file and the means per target, and writes a CSV.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from metrics import STLPIPS, psnr
 from PIL import Image
 from rd import image_paths
+from scale_per_rate import center_crop
 
 from pillow_sdlatent import pipeline
 from pillow_sdlatent.core.read import file_quantizer, read_latent
@@ -31,11 +32,6 @@ HERE = Path(__file__).resolve().parent
 TRAIN = HERE.parent.parent / "shared" / "data" / "train"
 OUT = HERE.parent / "docs" / "fidelity" / "restoring_decoder" / "taesd_steps.csv"
 WAYS = ("plain", "restorer", "decoder", "both")
-
-
-def centre_crop(image: Image.Image, width: int = 768, height: int = 512) -> Image.Image:
-    left, top = (image.width - min(image.width, width)) // 2, (image.height - min(image.height, height)) // 2
-    return image.crop((left, top, left + min(image.width, width), top + min(image.height, height)))
 
 
 def decodes(data: bytes) -> tuple[float, float, dict[str, Image.Image]]:
@@ -63,7 +59,7 @@ def main() -> None:
     rows = []
     for path in image_paths(TRAIN, args.photos, every=40, offset=10):
         with Image.open(path) as opened:
-            photo = centre_crop(opened.convert("RGB"))
+            photo = center_crop(opened.convert("RGB"))
         reference = np.asarray(photo)
         for target in args.targets:
             buffer = io.BytesIO()
