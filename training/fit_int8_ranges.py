@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime
 
 from pillow_sdlatent.enhance import restore
-from pillow_sdlatent.models import load_model, onnx_graphs
+from pillow_sdlatent.models import LatentModel, load_model, onnx_graphs
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "pillow_sdlatent" / "weights" / "int8_ranges.json"
@@ -37,31 +37,34 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from decoder_variants import CALIBRATION_PHOTOS, CALIBRATION_SIZE, calibration_paths, codec_latent, load_rgb  # noqa: E402
 
 
-def fit(model_name: str, photos: list[Path], decoder_file: str | None = None,
-        qualities: tuple[int | None, ...] = (None,)) -> dict[str, object]:
-    """The ranges (min, max) per tapped activation of ``model_name``'s decoder (or of its restoring decoder
-    ``decoder_file``) over the photos' latents at ``qualities`` (None: the default)."""
-    model = load_model(model_name, device="cpu", runtime="onnxruntime")
-    if decoder_file is not None:
-        model = restore.decoding_with(model, decoder_file)
+def calibration_latents(model_name: str, photos: list[Path], qualities: tuple[int | None, ...],
+                        cleaned: bool) -> list[np.ndarray]:
+    """The latents a decoder gets for the photos saved at ``qualities`` (None: the default), ``cleaned`` by
+    the latent restorer where it runs (not for a restoring decoder, which serves files in its place)."""
+    latents = []
+    for path in photos:
+        if path.name.lower().startswith("kodim"):
+            raise SystemExit(f"refusing a Kodak photo: {path}")
+        rgb = load_rgb(path, CALIBRATION_SIZE)
+        for quality in qualities:
+            options = {"model": model_name} if quality is None else {"model": model_name, "quality": quality}
+            latents.append(codec_latent(rgb, options, cleaned=cleaned)[0])
+    return latents
+
+
+def fit(model: LatentModel, latents: list[np.ndarray], calibration: str) -> dict[str, object]:
+    """The ranges (min, max) per tapped activation of ``model``'s decoder over ``latents``."""
     graph, taps = onnx_graphs.taesd_decoder_taps(model._state)
     session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
     low = dict.fromkeys(taps, np.inf)
     high = dict.fromkeys(taps, -np.inf)
-    for path in photos:
-        if path.name.lower().startswith("kodim"):
-            raise SystemExit(f"refusing a Kodak photo: {path}")
-        for quality in qualities:
-            options = {"model": model_name} if quality is None else {"model": model_name, "quality": quality}
-            latent, _ = codec_latent(load_rgb(path, CALIBRATION_SIZE), options, cleaned=decoder_file is None)
-            outputs = session.run(list(taps.values()), {"input": latent[None]})
-            for name, values in zip(taps, outputs, strict=True):
-                low[name] = min(low[name], float(values.min()))
-                high[name] = max(high[name], float(values.max()))
-    named = "default quality" if qualities == (None,) else f"qualities {', '.join(map(str, qualities))}"
+    for latent in latents:
+        outputs = session.run(list(taps.values()), {"input": latent[None]})
+        for name, values in zip(taps, outputs, strict=True):
+            low[name] = min(low[name], float(values.min()))
+            high[name] = max(high[name], float(values.max()))
     return {"decoder_digest": model.decoder_digest.hex(),
-            "calibration": f"MinMax over {len(photos)} training photos, "
-                           f"{CALIBRATION_SIZE[0]}x{CALIBRATION_SIZE[1]}, {named}",
+            "calibration": f"MinMax over {calibration}",
             "ranges": {name: [low[name], high[name]] for name in taps}}
 
 
@@ -70,9 +73,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUTPUT)
     args = parser.parse_args()
     photos = calibration_paths(CALIBRATION_PHOTOS)
-    fitted = {"taesd": fit("taesd", photos)}
+    model = load_model("taesd", device="cpu", runtime="onnxruntime")
+    described = f"{len(photos)} training photos, {CALIBRATION_SIZE[0]}x{CALIBRATION_SIZE[1]}"
+    fitted = {"taesd": fit(model, calibration_latents("taesd", photos, (None,), cleaned=True),
+                           f"{described}, default quality")}
+    served = calibration_latents("taesd", photos, RESTORING_QUALITIES, cleaned=False)
     for file in sorted({file for _, file in restore.DECODERS["taesd"] if file}):
-        fitted[file] = fit("taesd", photos, file, RESTORING_QUALITIES)
+        fitted[file] = fit(restore.decoding_with(model, file), served,
+                           f"{described}, qualities {', '.join(map(str, RESTORING_QUALITIES))}")
     text = json.dumps(fitted, indent=1)
     args.out.write_text(re.sub(r"\[\s+([^][]*?)\s+\]", lambda pair: f"[{' '.join(pair.group(1).split())}]", text)
                         + "\n")  # one range a line
