@@ -119,6 +119,12 @@ def test_restorer_is_on_by_default_where_it_helps(photo) -> None:
 # The restoring decoder: taesd3's decoder fine-tuned on its quantized latents (training/train_decoder.py).
 
 
+def _held_out_photo() -> Image.Image:
+    """A whole held-out photo (481x321), coded smaller at the qualities the scaled decoders serve."""
+    with Image.open(SHARED / "data" / "train" / "BSDS500" / "61060.jpg") as image:
+        return image.convert("RGB")
+
+
 def _held_out_crop(name: str) -> Image.Image:
     with Image.open(SHARED / "data" / "train" / name) as image:
         return image.convert("RGB").crop((0, 0, 256, 256))
@@ -169,8 +175,7 @@ def test_taesd3_files_coded_smaller_decode_closer_to_the_photo() -> None:
 
     from pillow_sdlatent import pipeline
 
-    with Image.open(SHARED / "data" / "train" / "BSDS500" / "61060.jpg") as image:
-        photo = image.convert("RGB")
+    photo = _held_out_photo()
     buffer = io.BytesIO()
     photo.save(buffer, format="SDL", quality=70)
     header = pipeline.read_checked_layout(io.BytesIO(buffer.getvalue())).header
@@ -206,8 +211,7 @@ def test_taesd_files_decode_closer_to_the_photo(quality: int, coded: tuple[int, 
     from pillow_sdlatent import pipeline
     from pillow_sdlatent.core.read import file_quantizer
 
-    with Image.open(SHARED / "data" / "train" / "BSDS500" / "61060.jpg") as image:
-        photo = image.convert("RGB")
+    photo = _held_out_photo()
     buffer = io.BytesIO()
     photo.save(buffer, format="SDL", quality=quality)
     header = pipeline.read_checked_layout(io.BytesIO(buffer.getvalue())).header
