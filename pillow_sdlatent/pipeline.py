@@ -64,13 +64,16 @@ class _EncodeJob:
         return quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed)
 
     def refined(self, latent: np.ndarray, step: float) -> np.ndarray:
-        """The effort's latent for ``step``, optimised through what the reader will run on that file."""
-        from .enhance.restore import restores_latent
+        """The effort's latent for ``step``, optimised through what the reader will run on that file: the
+        latent restorer where it runs, and the restoring decoder where one serves the file."""
+        from .enhance.restore import restores_latent, restoring_decoder
 
         quantizer = self.quantizer_at(step, latent)
-        restored = restores_latent(self.options.model, max(quantizer.steps), self.coded_scale)
-        return effort.refine_latent(self.model, latent, self.rgb, quantizer, self.options.effort,
-                                    restored=restored and not self.restoration_off(quantizer))
+        largest, restored = max(quantizer.steps), not self.restoration_off(quantizer)
+        model = restoring_decoder(self.model, largest, self.coded_scale) if restored else self.model
+        return effort.refine_latent(model, latent, self.rgb, quantizer, self.options.effort,
+                                    restored=restored and restores_latent(self.options.model, largest,
+                                                                          self.coded_scale))
 
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
         quantizer = self.quantizer_at(step, latent)
