@@ -41,6 +41,13 @@ def photo() -> Image.Image:
         return image.convert("RGB").crop((300, 100, 492, 228))
 
 
+@pytest.fixture(scope="session")
+def held_out_photo() -> Image.Image:
+    """A whole training photo outside every set anything was fitted or chosen on (BSDS500 61060, 481x321)."""
+    with Image.open(SHARED / "data" / "train" / "BSDS500" / "61060.jpg") as image:
+        return image.convert("RGB")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``gpu`` need CUDA: skipped cleanly where there is none (CI never has one)."""
     gpu_tests = [item for item in items if "gpu" in item.keywords]
