@@ -125,8 +125,8 @@ def _held_out_crop(name: str) -> Image.Image:
 
 
 @pytest.mark.parametrize(("model_name", "scale", "trained_at"),
-                         [("taesd3", 1.0, None), ("taesd3", 0.625, "0.625"), ("taesd", 0.625, "0.625"),
-                          ("taesd", 1.0, "0.75")])
+                         [("taesd3", 1.0, None), ("taesd3", 0.625, "0.625"), ("taesd3", 0.875, "0.75"),
+                          ("taesd", 0.625, "0.625"), ("taesd", 1.0, "0.75")])
 def test_restoring_decoder_ships_and_records_its_origin(model_name: str, scale: float, trained_at: str | None) -> None:
     """Float16 weights of the decoder's own shape, fine-tuned from the model's shipped decoder, with the scale
     whose decodes it was trained on scaled back up (none: at the coded size)."""
@@ -179,19 +179,21 @@ def test_taesd3_files_coded_smaller_decode_closer_to_the_photo(held_out_photo: I
     assert gain > 0.3, f"scaled restoring decoder gained only {gain:.2f} dB"
 
 
-def test_taesd3_files_coded_at_three_quarters_decode_with_the_original_decoder() -> None:
-    """Trained at 0.625, the scaled restoring decoder over-sharpens a file coded at 0.75 (held-out photos at
-    quality 85: ST-LPIPS 0.052 -> 0.055; at 0.875: 0.034 -> 0.045), so that one decodes as with
-    ``restore=False``."""
+def test_taesd3_files_coded_at_three_quarters_decode_closer_to_the_photo(held_out_photo: Image.Image) -> None:
+    """A held-out photo coded at 0.75 of its size (quality 87) decodes with the restoring decoder trained at that
+    scale, closer to the photo once scaled back up (measured: +0.62 dB; at 0.875, quality 92: +0.74 dB)."""
     import io
 
     from pillow_sdlatent import pipeline
 
     buffer = io.BytesIO()
-    _held_out_crop(HELD_OUT[0]).save(buffer, format="SDL", quality=85, scale=0.75)
-    assert pipeline.read_checked_layout(io.BytesIO(buffer.getvalue())).header.coded_size == (192, 192)
-    assert pipeline.decode_file(buffer.getvalue()).tobytes() == pipeline.decode_file(
-        buffer.getvalue(), restore=False).tobytes()
+    held_out_photo.save(buffer, format="SDL", quality=87)
+    header = pipeline.read_checked_layout(io.BytesIO(buffer.getvalue())).header
+    assert header.model == "taesd3" and header.coded_size == (361, 241)
+    gain = psnr(held_out_photo, pipeline.decode_file(buffer.getvalue())) - psnr(
+        held_out_photo, pipeline.decode_file(buffer.getvalue(), restore=False))
+    print(f"\nrestoring decoder at 0.75: {gain:+.2f} dB")
+    assert gain > 0.4, f"the restoring decoder at 0.75 gained only {gain:.2f} dB"
 
 
 @pytest.mark.parametrize(("quality", "coded", "least_gain"), [(30, (301, 201), 0.3), (60, (421, 281), 0.3)])
@@ -227,8 +229,11 @@ def test_restoring_decoder_is_built_once_and_only_in_its_range() -> None:
     assert scaled.decoder_digest not in (model.decoder_digest, twins[0].decoder_digest)
     assert restore.restoring_decoder(model, restore.DECODER_STEPS["taesd3"][1] * 1.01, 1.0) is model
     assert restore.restoring_decoder(model, restore.DECODER_STEPS["taesd3"][0] * 0.99, 1.0) is model
-    for scale in (0.45, 0.75, 0.875):
-        assert restore.restoring_decoder(model, 0.5, scale) is model
+    assert restore.restoring_decoder(model, 0.5, 0.45) is model
+    three_quarters = restore.restoring_decoder(model, 0.5, 0.75)
+    assert three_quarters is restore.restoring_decoder(model, 0.5, 0.875)
+    assert len({model.decoder_digest, twins[0].decoder_digest, scaled.decoder_digest,
+                three_quarters.decoder_digest}) == 4
     taesd = load_model("taesd")
     top = restore.DECODER_STEPS["taesd"][1]
     assert restore.restoring_decoder(taesd, top, 1.0) is taesd  # from there the latent restorer's

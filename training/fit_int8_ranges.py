@@ -78,7 +78,7 @@ def main() -> None:
     fitted = {"taesd": fit(model, calibration_latents("taesd", photos, (None,), cleaned=True),
                            f"{described}, default quality")}
     served = calibration_latents("taesd", photos, RESTORING_QUALITIES, cleaned=False)
-    for file in sorted({file for _, file in restore.DECODERS["taesd"] if file}):
+    for file in sorted({file for _, file in restore.DECODERS["taesd"]}):
         fitted[file] = fit(restore.decoding_with(model, file), served,
                            f"{described}, qualities {', '.join(map(str, RESTORING_QUALITIES))}")
     text = json.dumps(fitted, indent=1)

@@ -90,14 +90,14 @@ def _weights_for(model_name: str) -> Path | None:
 
 #: model -> its restoring decoders (float16 files, the decoder's tensors in diffusers' names) by the coded
 #: scale of the files they serve (the fraction of the image's size; 1: coded whole), lowest first: (from
-#: this scale, weights file or None for the original decoder). taesd3's whole-file one is trained at the
-#: coded size; a scaled one with its loss on the decode scaled back up from its scale, which sharpens ahead
-#: of the upscaling: worse on whole files, and taesd3's (perceptual weight 0.3, trained at 0.625)
-#: over-sharpens at 0.75 and 0.875. taesd's for 0.75 (perceptual weight 1) is better than the original on
-#: whole files too, so it serves up to 1 (docs/fidelity/restoring_decoder, training/README.md)
-DECODERS: dict[str, tuple[tuple[float, str | None], ...]] = {
-    "taesd3": ((0.5, "restorer_taesd3_scaled_decoder.safetensors"), (0.7, None),
-               (1.0, "restorer_taesd3_decoder.safetensors")),
+#: this scale, weights file). taesd3's whole-file one is trained at the coded size; a scaled one with its
+#: loss on the decode scaled back up from its scale, which sharpens ahead of the upscaling: worse on whole
+#: files, and taesd3's for 0.625 (perceptual weight 0.3) over-sharpens at 0.75 and 0.875, which have their
+#: own (trained at 0.75, perceptual weight 1). taesd's for 0.75 (perceptual weight 1) is better than the
+#: original on whole files too, so it serves up to 1 (docs/fidelity/restoring_decoder, training/README.md)
+DECODERS: dict[str, tuple[tuple[float, str], ...]] = {
+    "taesd3": ((0.5, "restorer_taesd3_scaled_decoder.safetensors"),
+               (0.7, "restorer_taesd3_scaled075_decoder.safetensors"), (1.0, "restorer_taesd3_decoder.safetensors")),
     "taesd": ((0.5, "restorer_taesd_scaled_decoder.safetensors"), (0.7, "restorer_taesd_decoder.safetensors")),
 }
 #: model -> a file's largest component step where its restoring decoders run. taesd3: the range they were
