@@ -162,32 +162,15 @@ def test_taesd3_files_decode_closer_to_the_photo(name: str) -> None:
     assert gain > 0.4, f"restoring decoder gained only {gain:.2f} dB on {name}"
 
 
-@pytest.mark.parametrize(("quality", "coded", "least_gain"), [(70, (301, 201), 0.3), (87, (361, 241), 0.4)])
-def test_taesd3_files_coded_smaller_decode_closer_to_the_photo(quality: int, coded: tuple[int, int], least_gain: float,
-                                                               held_out_photo: Image.Image) -> None:
-    """A held-out photo coded at 0.625 of its size (quality 70) or 0.75 (quality 87) decodes with the restoring
-    decoder trained at that scale, closer to the photo once scaled back up (measured: +0.42 dB, ST-LPIPS 0.077 ->
-    0.057 at 0.625; +0.62 dB at 0.75, and at 0.875, quality 92, +0.74 dB)."""
-    import io
-
-    from pillow_sdlatent import pipeline
-
-    buffer = io.BytesIO()
-    held_out_photo.save(buffer, format="SDL", quality=quality)
-    header = pipeline.read_checked_layout(io.BytesIO(buffer.getvalue())).header
-    assert header.model == "taesd3" and header.coded_size == coded
-    gain = psnr(held_out_photo, pipeline.decode_file(buffer.getvalue())) - psnr(
-        held_out_photo, pipeline.decode_file(buffer.getvalue(), restore=False))
-    print(f"\nscaled restoring decoder at quality {quality}: {gain:+.2f} dB")
-    assert gain > least_gain, f"the scaled restoring decoder gained only {gain:.2f} dB at quality {quality}"
-
-
-@pytest.mark.parametrize(("quality", "coded", "least_gain"), [(30, (301, 201), 0.3), (60, (421, 281), 0.3)])
-def test_taesd_files_decode_closer_to_the_photo(quality: int, coded: tuple[int, int], least_gain: float,
-                                               held_out_photo: Image.Image) -> None:
-    """A held-out photo at a low quality (taesd, coded at 0.625 or 0.875 of its size, a step the restoring
-    decoders serve) decodes with taesd's restoring decoder for that scale, closer to the photo once scaled
-    back up (measured: +0.44 dB at quality 30, where the latent restorer ran before; +0.33 dB at 60)."""
+@pytest.mark.parametrize(("model_name", "quality", "coded", "least_gain"),
+                         [("taesd3", 70, (301, 201), 0.3), ("taesd3", 87, (361, 241), 0.4),
+                          ("taesd", 30, (301, 201), 0.3), ("taesd", 60, (421, 281), 0.3)])
+def test_files_coded_smaller_decode_closer_to_the_photo(model_name: str, quality: int, coded: tuple[int, int],
+                                                        least_gain: float, held_out_photo: Image.Image) -> None:
+    """A held-out photo coded smaller than its size, at a step a restoring decoder serves, decodes with the one
+    trained at that scale, closer to the photo once scaled back up. Measured: taesd3 at 0.625 (quality 70)
+    +0.42 dB, ST-LPIPS 0.077 -> 0.057; at 0.75 (quality 87) +0.62 dB, and at 0.875 (quality 92) +0.74 dB; taesd
+    at 0.625 (quality 30, where the latent restorer ran before) +0.44 dB, at 0.875 (quality 60) +0.33 dB."""
     import io
 
     from pillow_sdlatent import pipeline
@@ -196,12 +179,12 @@ def test_taesd_files_decode_closer_to_the_photo(quality: int, coded: tuple[int, 
     buffer = io.BytesIO()
     held_out_photo.save(buffer, format="SDL", quality=quality)
     header = pipeline.read_checked_layout(io.BytesIO(buffer.getvalue())).header
-    assert header.model == "taesd" and header.coded_size == coded
-    assert max(file_quantizer(header).steps) < restore.DECODER_STEPS["taesd"][1]
+    assert header.model == model_name and header.coded_size == coded
+    assert restore.serving_decoder(model_name, max(file_quantizer(header).steps), pipeline.coded_scale(header))
     gain = psnr(held_out_photo, pipeline.decode_file(buffer.getvalue())) - psnr(
         held_out_photo, pipeline.decode_file(buffer.getvalue(), restore=False))
-    print(f"\ntaesd restoring decoder at quality {quality}: {gain:+.2f} dB")
-    assert gain > least_gain, f"taesd's restoring decoder gained only {gain:.2f} dB at quality {quality}"
+    print(f"\n{model_name} restoring decoder at quality {quality}: {gain:+.2f} dB")
+    assert gain > least_gain, f"{model_name}'s restoring decoder gained only {gain:.2f} dB at quality {quality}"
 
 
 def test_restoring_decoder_is_built_once_and_only_in_its_range() -> None:
