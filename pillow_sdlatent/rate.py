@@ -25,7 +25,9 @@ from .options import EncodeOptions
 #: So the switch sits at 0.12 bpp, where all three have crossed. Checked on 35 other training photos
 #: (sorted index % 40 of 10 or 30; docs/model_per_rate/quality): at qualities 65, 70 and 75 (0.121-0.144
 #: bpp, which taesd coded before) taesd3 gives +0.42, +0.58 and +0.81 dB, ST-LPIPS 0.115 -> 0.093,
-#: 0.110 -> 0.085 and 0.107 -> 0.078, MS-SSIM BD-rate -4.0%, for 4% more bytes. Above 0.3 bpp taesd sits at its
+#: 0.110 -> 0.085 and 0.107 -> 0.078, MS-SSIM BD-rate -4.0%, for 4% more bytes. With both models' restoring
+#: decoders, on 18 photos sorted index % 40 == 10, the crossings are at 0.09, 0.10 and 0.115 bpp
+#: (docs/model_per_rate/restoring_decoders), so the switch stays. Above 0.3 bpp taesd sits at its
 #: own round-trip ceiling (docs/model_per_rate). So a rate target from ``HIGH_RATE_BPP`` up, or a quality
 #: whose rate is that high (``quality_bpp``), is coded with ``HIGH_RATE_MODEL``. For a rate target, an
 #: image with small text keeps taesd up to DETAILED_HIGH_RATE_BPP (``model_for_rate``).
