@@ -42,6 +42,9 @@ RATES = (0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 PANEL_RATES = (0.1, 0.15, 0.2)
 #: held-out photos: sorted training images whose index modulo HELD_OUT_PERIOD is one of HELD_OUT_INDICES
 HELD_OUT_PERIOD, HELD_OUT_INDICES = 40, (0, 20)
+#: ``--choice-cards``: index % HELD_OUT_PERIOD of the photos they never use (the held-out ones and their neighbours
+#: used elsewhere), and the first seed of their sentences (the benchmark's cards use 0, 1, 2, ...)
+CHOICE_HELD_OUT, CHOICE_CARD_SEED = (0, 10, 20, 30), 100
 #: codecs matched to the .sdl file size, with their Pillow format name
 MATCHED = {"avif": "AVIF", "jxl": "JXL"}
 QUALITY_RANGE = (0, 100)
@@ -298,13 +301,26 @@ def build_subjects(paths: list[Path], max_photos: int, cards: int) -> list[Subje
     fonts = font_paths()
     for index in range(cards):
         path = paths[(index * len(paths)) // max(cards, 1)]
-        with Image.open(path) as opened:
-            rgb, lines = text_card(opened.convert("RGB"), fonts[index % len(fonts)], index % 2 == 0, seed=index)
-        for line, reading in zip(lines, ocr_lines(rgb, lines), strict=True):
-            line.original_ocr = reading
-        subjects.append(Subject(f"card{index}_{fonts[index % len(fonts)].stem}_{path.stem}", "rendered", rgb,
-                                lines=lines))
+        subjects.append(card_subject(f"card{index}", path, fonts[index % len(fonts)], index % 2 == 0, seed=index))
     return subjects
+
+
+def choice_cards(train: Path, count: int) -> list[Subject]:
+    """Text cards for choosing a rule rather than reporting one: over training photos outside every held-out
+    split (CHOICE_HELD_OUT), with other sentences (seeds from CHOICE_CARD_SEED) and the fonts in another order."""
+    paths = [p for i, p in enumerate(image_paths(train, None)) if i % HELD_OUT_PERIOD not in CHOICE_HELD_OUT]
+    fonts = font_paths()
+    return [card_subject(f"choice{index}", paths[(index * 7919 + 101) % len(paths)], fonts[(index + 1) % len(fonts)],
+                         index % 2 == 1, seed=CHOICE_CARD_SEED + index) for index in range(count)]
+
+
+def card_subject(name: str, background: Path, font: Path, first_dark: bool, seed: int) -> Subject:
+    """A text card over ``background`` with tesseract's reading of each original line."""
+    with Image.open(background) as opened:
+        rgb, lines = text_card(opened.convert("RGB"), font, first_dark, seed=seed)
+    for line, reading in zip(lines, ocr_lines(rgb, lines), strict=True):
+        line.original_ocr = reading
+    return Subject(f"{name}_{font.stem}_{background.stem}", "rendered", rgb, lines=lines)
 
 
 # ----------------------------------------------------------------------------- coding
@@ -692,7 +708,8 @@ def run(args: argparse.Namespace, csv_path: Path) -> list[dict[str, Any]]:
 
     AvifImagePlugin.DEFAULT_MAX_THREADS = JpegXLImagePlugin.DECODE_THREADS = args.threads
     paths = image_paths(args.images, args.limit) if args.images else held_out_paths(TRAIN)
-    subjects = build_subjects(paths, args.photos, args.cards)
+    subjects = build_subjects(paths, args.photos, 0 if args.choice_cards else args.cards)
+    subjects += choice_cards(TRAIN, args.choice_cards)
     sdl = sdl_configs(args.sdl_config, args.sdl_option)
     stlpips = STLPIPS()
     target, rates = ("quality", args.qualities) if args.qualities else ("bpp", args.rates)
@@ -724,6 +741,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="with --images: only the first N images (sorted by path)")
     parser.add_argument("--photos", type=int, default=8, help="photos with faces or lettering to code (default 8)")
     parser.add_argument("--cards", type=int, default=6, help="rendered text cards over photo crops (default 6)")
+    parser.add_argument("--choice-cards", type=int, default=0,
+                        help="instead of --cards, this many cards for choosing a rule (other photos and sentences)")
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--rates", type=float, nargs="+", default=list(RATES), help=f"target bpp (default {RATES})")
     targets.add_argument("--qualities", type=int, nargs="+",

@@ -21,7 +21,6 @@ import fidelity
 import numpy as np
 from metrics import STLPIPS, psnr
 from PIL import Image
-from rd import image_paths
 
 from pillow_sdlatent import pipeline, rate
 from pillow_sdlatent.core import container
@@ -31,9 +30,6 @@ HERE = Path(__file__).resolve().parent
 TRAIN = HERE.parent.parent / "shared" / "data" / "train"
 KODAK = HERE.parent.parent / "shared" / "data" / "kodak"
 OUT = HERE.parent / "docs" / "fidelity" / "restoration" / "flag_check.md"
-#: index % 40 of the held-out splits of fidelity.py and rd.py (0, 20) and of their neighbours used elsewhere
-HELD_OUT = (0, 10, 20, 30)
-CARD_SEED = 100  # other sentences than fidelity.py's cards (seeds 0, 1, 2, ...)
 
 
 def coded(image: Image.Image, bpp: float) -> bytes:
@@ -53,16 +49,7 @@ def both_decodes(data: bytes) -> tuple[np.ndarray, np.ndarray, bool]:
 
 
 def card_rows(cards: int, rates: list[float]) -> list[str]:
-    paths = [p for i, p in enumerate(image_paths(TRAIN, None)) if i % 40 not in HELD_OUT]
-    fonts = fidelity.font_paths()
-    subjects = []
-    for index in range(cards):
-        with Image.open(paths[(index * 7919 + 101) % len(paths)]) as opened:
-            rgb, lines = fidelity.text_card(opened.convert("RGB"), fonts[(index + 1) % len(fonts)], index % 2 == 1,
-                                            seed=CARD_SEED + index)
-        for line, reading in zip(lines, fidelity.ocr_lines(rgb, lines), strict=True):
-            line.original_ocr = reading
-        subjects.append((rgb, lines))
+    subjects = [(card.rgb, card.lines) for card in fidelity.choice_cards(TRAIN, cards)]
     rows = ["| bpp | flagged | band | restorer run / skipped (as read now) |", "| ---: | ---: | --- | ---: |"]
     for bpp in rates:
         scores: dict[str, tuple[list[float], list[float]]] = {}
