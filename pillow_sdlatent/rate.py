@@ -98,17 +98,25 @@ RATE_CURVES: dict[str, dict[float, tuple[tuple[float, float], ...]]] = {
 #: (Lanczos, as encoder and decoder resize) leaves under MIN_RESAMPLING_PSNR holds small text or fine
 #: lines, which the rules fitted on photos above would blur or redraw: downscaling shrinks the strokes
 #: and rounding toward zero drops the small coefficients that draw them. Such an image is coded by
-#: ``HIGH_RATE_MODEL`` whole, with plain rounding. At the same bytes taesd reads small text better below
-#: DETAILED_HIGH_RATE_BPP (text cards at 0.1-0.2 bpp, docs/fidelity), so a rate target keeps taesd there;
-#: at the same quality taesd3 reads it far better (taesd redraws letters at any quality: on the held-out
-#: text cards at quality 85, 15-18 px lines read 0.44 against 0.98; docs/fidelity/quality), so a
-#: quality switches where a photo's does.
+#: ``HIGH_RATE_MODEL`` with plain rounding, whole, but for a rate target under DETAILED_WHOLE_BPP, where it is
+#: coded at DETAILED_SCALE: there the coarse step of the whole image breaks letters up more than the
+#: resampling does. At the same bytes taesd reads small text better below DETAILED_HIGH_RATE_BPP, so a rate
+#: target keeps taesd there. Both chosen on 6 text cards that no benchmark reports (``benchmarks/fidelity.py
+#: --choice-cards 6``; docs/fidelity/text_rules), OCR of 19-28 / 15-18 / 10-14 px lines: at 0.15 bpp taesd
+#: 0.72 / 0.43 / 0.26, taesd3 at 0.75 0.67 / 0.41 / 0.21; at 0.175 0.76 / 0.43 / 0.25 against 0.83 / 0.53 /
+#: 0.21; at 0.2 0.77 / 0.46 / 0.23 against 0.90 / 0.59 / 0.28 (whole: 0.75 / 0.64 / 0.27); at 0.25 taesd3
+#: at 0.75 0.91 / 0.77 / 0.30, whole 0.84 / 0.76 / 0.38; at 0.3 whole 0.94 / 0.85 / 0.51, at 0.75 0.92 /
+#: 0.85 / 0.39. At the same quality taesd3 reads text far better (taesd redraws letters at any quality:
+#: on the held-out text cards at quality 85, 15-18 px lines read 0.44 against 0.98; docs/fidelity/quality),
+#: so a quality switches where a photo's does, and codes the image whole.
 #: At 0.625, 6 text cards (training photos outside every held-out set with 10-28 px lines, as
 #: benchmarks/fidelity.py makes them) keep 20.8-22.5 dB, the 10 photos of docs/scale_per_rate
 #: 24.3-41.4 dB (9 of 10 from 28.2).
 DETAIL_PROBE_SCALE = 0.625
 MIN_RESAMPLING_PSNR = 27.0
-DETAILED_HIGH_RATE_BPP = 0.30
+DETAILED_HIGH_RATE_BPP = 0.175
+DETAILED_WHOLE_BPP = 0.30
+DETAILED_SCALE = 0.75
 #: An image that the same resampling leaves under TEXT_RESAMPLING_PSNR is mostly small text (``detail_psnr``
 #: of 12 text cards made from training photos as benchmarks/fidelity.py makes them: 20.6-22.6 dB; of the
 #: 667 training photos outside the held-out sets, 6 are under 23 dB; of the 36 held-out photos and the 24
@@ -187,20 +195,25 @@ def step_for_quality(quality: int, options: EncodeOptions) -> float:
 
 def scale_for_rate(options: EncodeOptions, width: int, height: int, detailed: bool = False) -> float:
     """``scale`` if given; else, for a model in ``BPP_SCALES``, the scale that wins at the requested rate
-    (the whole image for the high-rate model on a ``detailed`` image, see ``holds_fine_detail``).
+    (for the high-rate model on a ``detailed`` image, see ``holds_fine_detail``, the one that keeps text).
 
     A quality's rate is the mean rate its step gives at full size (``RATE_CURVES``), so that
     quality and ``bpp`` pick the same scale for the same rate.
     """
     if options.scale is not None:
         return options.scale
-    if options.model not in BPP_SCALES or (detailed and options.model == HIGH_RATE_MODEL):
+    if options.model not in BPP_SCALES:
         return 1.0
     bpp = requested_bpp(options, width, height)
-    if bpp is None:
-        step = step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
-        bpp = mean_bpp(options.model, 1.0, step)
-    scale = next((scale for below, scale in BPP_SCALES[options.model] if bpp < below), 1.0)
+    if detailed and options.model == HIGH_RATE_MODEL:
+        if bpp is None or bpp >= DETAILED_WHOLE_BPP:
+            return 1.0
+        scale = DETAILED_SCALE
+    else:
+        if bpp is None:
+            step = step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
+            bpp = mean_bpp(options.model, 1.0, step)
+        scale = next((scale for below, scale in BPP_SCALES[options.model] if bpp < below), 1.0)
     return min(1.0, max(scale, MIN_CODED_SIDE / min(width, height)))
 
 
