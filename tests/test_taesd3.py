@@ -207,15 +207,16 @@ def test_small_text_keeps_the_rules_that_keep_it() -> None:
     assert coded_as(photo, 0.25) == ("taesd3", (192, 144))
 
 
-@pytest.mark.parametrize("bpp", [0.2, 0.25])
-def test_small_text_from_0_175_bpp_gets_taesd3_and_is_closer_than_taesd(bpp: float) -> None:
-    """Measured: the lettering's PSNR 16.17 / 16.85 dB at 0.2 / 0.25 bpp with the automatic choice (taesd3 at
-    0.75 of the size) against 15.86 / 15.74 with taesd, at the same bytes within 1%."""
+@pytest.mark.parametrize(("bpp", "least_gain"),
+                         [(0.2, 0.2), (0.25, 0.2), pytest.param(0.3, 0.5, marks=pytest.mark.slow)])
+def test_small_text_from_0_175_bpp_gets_taesd3_and_is_closer_than_taesd(bpp: float, least_gain: float) -> None:
+    """Measured: the lettering's PSNR 16.17 / 16.85 / 17.56 dB at 0.2 / 0.25 / 0.3 bpp with the automatic choice
+    (taesd3, at 0.75 of the size below 0.3) against 15.86 / 15.74 / 16.02 with taesd, at the same bytes within 1%."""
     crop = crop_with_text()
     model, auto = coded(crop, bpp=bpp)
     _, taesd = coded(crop, bpp=bpp, model="taesd")
     assert model == "taesd3" and auto.size == crop.size
-    assert psnr(auto.crop(TEXT_BOX), crop.crop(TEXT_BOX)) > psnr(taesd.crop(TEXT_BOX), crop.crop(TEXT_BOX)) + 0.2
+    assert psnr(auto.crop(TEXT_BOX), crop.crop(TEXT_BOX)) > psnr(taesd.crop(TEXT_BOX), crop.crop(TEXT_BOX)) + least_gain
 
 
 def test_small_text_at_a_quality_gets_taesd3_whole_and_is_closer_than_taesd() -> None:
@@ -260,16 +261,6 @@ def test_small_text_is_decoded_without_the_restorer(bpp: float) -> None:
         assert layout.version[1] == (1 if flagged else 0)  # 1.1 or 2.1 (coded smaller) when flagged
         plain = np.asarray(pipeline.decode_file(data, restore=False))
         assert np.array_equal(np.asarray(pipeline.decode_file(data)), plain) == flagged
-
-
-@pytest.mark.slow
-def test_text_at_0_3_bpp_gets_taesd3_and_is_closer_than_taesd() -> None:
-    """Measured: the lettering's PSNR 17.1 dB with the automatic choice (taesd3) against 16.0 with taesd."""
-    crop = crop_with_text()
-    model, auto = coded(crop, bpp=0.3)
-    _, taesd = coded(crop, bpp=0.3, model="taesd")
-    assert model == "taesd3"
-    assert psnr(auto.crop(TEXT_BOX), crop.crop(TEXT_BOX)) > psnr(taesd.crop(TEXT_BOX), crop.crop(TEXT_BOX)) + 0.5
 
 
 @pytest.mark.slow
