@@ -708,8 +708,10 @@ def run(args: argparse.Namespace, csv_path: Path) -> list[dict[str, Any]]:
 
     AvifImagePlugin.DEFAULT_MAX_THREADS = JpegXLImagePlugin.DECODE_THREADS = args.threads
     paths = image_paths(args.images, args.limit) if args.images else held_out_paths(TRAIN)
-    subjects = build_subjects(paths, args.photos, 0 if args.choice_cards else args.cards)
-    subjects += choice_cards(TRAIN, args.choice_cards)
+    if args.choice_cards:
+        subjects = build_subjects(paths, args.photos, 0) + choice_cards(TRAIN, args.choice_cards)
+    else:
+        subjects = build_subjects(paths, args.photos, args.cards)
     sdl = sdl_configs(args.sdl_config, args.sdl_option)
     stlpips = STLPIPS()
     target, rates = ("quality", args.qualities) if args.qualities else ("bpp", args.rates)
