@@ -126,11 +126,12 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
     probed = functools.cache(lambda: rate.detail_psnr(full_size))  # two resamplings: only if asked
 
     def fine_detail() -> bool:
-        return probed() < rate.MIN_RESAMPLING_PSNR
+        return rate.detail_of(probed()) >= rate.Detail.FINE
 
-    detailed = rate.may_pick_high_rate_model(options, width, height) and fine_detail()
-    text = detailed and probed() < rate.TEXT_RESAMPLING_PSNR
-    chosen = rate.model_for_rate(options, width, height, detailed, text)
+    detail = rate.Detail.NONE
+    if rate.may_pick_high_rate_model(options, width, height):
+        detail = rate.detail_of(probed())
+    chosen = rate.model_for_rate(options, width, height, detail)
     coder = rate.coder_for(options, chosen)
     try:
         model = load_model(chosen, weights=options.weights, device=options.device)
@@ -143,14 +144,14 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
         coder = rate.coder_for(options, chosen)
         model = load_model(chosen, weights=options.weights, device=options.device)
     options = replace(options, model=chosen, coder=coder)
-    coded = rate.scaled_size(width, height, rate.scale_for_rate(options, width, height, detailed))
+    coded = rate.scaled_size(width, height, rate.scale_for_rate(options, width, height, detail))
     scale = 1.0
     if coded is not None:  # the scale rounding left, for the step
         scale = math.sqrt(coded[0] * coded[1] / (width * height))
         colour = work if work.mode in ("RGB", "L") else work.convert("RGB")
         work = colour.resize(coded, container.RESAMPLING[container.LANCZOS])
-    return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model, scale, coded, detailed,
-                      fine_detail)
+    return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model, scale, coded,
+                      detail >= rate.Detail.FINE, fine_detail)
 
 
 def closer_of_trial(image: Image.Image, info: dict[str, Any] | None, job: _EncodeJob, data: bytes) -> bytes:

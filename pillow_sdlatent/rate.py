@@ -6,6 +6,7 @@ command. Nothing here changes how a file decodes: the file records every choice.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Sequence
 
@@ -138,11 +139,25 @@ def coder_for(options: EncodeOptions, model: str) -> str:
     return coder
 
 
-def model_for_rate(options: EncodeOptions, width: int, height: int, detailed: bool = False,
-                   text: bool = False) -> str:
+class Detail(enum.IntEnum):
+    """What the detail check (``detail_of``) found in an image; each level includes the one below."""
+
+    NONE = 0
+    FINE = 1  # small text or fine lines: MIN_RESAMPLING_PSNR
+    TEXT = 2  # mostly small text: TEXT_RESAMPLING_PSNR
+
+
+def detail_of(resampled_psnr: float) -> Detail:
+    """The detail level of an image whose ``detail_psnr`` is ``resampled_psnr``."""
+    if resampled_psnr < TEXT_RESAMPLING_PSNR:
+        return Detail.TEXT
+    return Detail.FINE if resampled_psnr < MIN_RESAMPLING_PSNR else Detail.NONE
+
+
+def model_for_rate(options: EncodeOptions, width: int, height: int, detail: Detail = Detail.NONE) -> str:
     """The named model; else the one that wins at the requested rate or quality (see ``HIGH_RATE_MODEL``;
-    for a rate target, a ``detailed`` image, see ``holds_fine_detail``, switches at DETAILED_HIGH_RATE_BPP;
-    for a quality, an image of mostly ``text``, see TEXT_RESAMPLING_PSNR, takes it at every quality),
+    for a rate target, an image with fine ``detail`` switches at DETAILED_HIGH_RATE_BPP; for a quality,
+    an image of mostly text takes it at every quality),
     unless the coder named cannot code that model's latents. A quality's rate is the mean rate its step
     gives ``options.model`` (``quality_bpp``)."""
     if options.model_fixed or not coders.codes_channels(options.coder, get_spec(HIGH_RATE_MODEL).channels):
@@ -150,17 +165,16 @@ def model_for_rate(options: EncodeOptions, width: int, height: int, detailed: bo
     bpp = requested_bpp(options, width, height)
     if bpp is None:
         quality = options.quality or quantize.DEFAULT_QUALITY
-        if text or quality >= HIGH_RATE_QUALITY or quality_bpp(quality, options.model) >= HIGH_RATE_BPP:
-            return HIGH_RATE_MODEL
-        return options.model
-    return HIGH_RATE_MODEL if bpp >= (DETAILED_HIGH_RATE_BPP if detailed else HIGH_RATE_BPP) else options.model
+        high = quality >= HIGH_RATE_QUALITY or quality_bpp(quality, options.model) >= HIGH_RATE_BPP
+        return HIGH_RATE_MODEL if detail is Detail.TEXT or high else options.model
+    return HIGH_RATE_MODEL if bpp >= (DETAILED_HIGH_RATE_BPP if detail else HIGH_RATE_BPP) else options.model
 
 
 def may_pick_high_rate_model(options: EncodeOptions, width: int, height: int) -> bool:
     """Whether the detail check can change anything: the high-rate model is named, picked for an
     image without fine detail, or picked for one of mostly text (a quality)."""
     return HIGH_RATE_MODEL in (model_for_rate(options, width, height),
-                               model_for_rate(options, width, height, detailed=True, text=True))
+                               model_for_rate(options, width, height, Detail.TEXT))
 
 
 def detail_psnr(image: Image.Image) -> float:
@@ -170,7 +184,7 @@ def detail_psnr(image: Image.Image) -> float:
 
 def holds_fine_detail(image: Image.Image) -> bool:
     """Whether ``image`` holds small text or fine lines (see ``MIN_RESAMPLING_PSNR``)."""
-    return detail_psnr(image) < MIN_RESAMPLING_PSNR
+    return detail_of(detail_psnr(image)) >= Detail.FINE
 
 
 def quality_bpp(quality: int, model: str) -> float:
@@ -193,9 +207,9 @@ def step_for_quality(quality: int, options: EncodeOptions) -> float:
     return float(coarse * (fine / coarse) ** t)
 
 
-def scale_for_rate(options: EncodeOptions, width: int, height: int, detailed: bool = False) -> float:
+def scale_for_rate(options: EncodeOptions, width: int, height: int, detail: Detail = Detail.NONE) -> float:
     """``scale`` if given; else, for a model in ``BPP_SCALES``, the scale that wins at the requested rate
-    (for the high-rate model on a ``detailed`` image, see ``holds_fine_detail``, the one that keeps text).
+    (for the high-rate model on an image with fine ``detail``, the one that keeps text).
 
     A quality's rate is the mean rate its step gives at full size (``RATE_CURVES``), so that
     quality and ``bpp`` pick the same scale for the same rate.
@@ -205,7 +219,7 @@ def scale_for_rate(options: EncodeOptions, width: int, height: int, detailed: bo
     if options.model not in BPP_SCALES:
         return 1.0
     bpp = requested_bpp(options, width, height)
-    if detailed and options.model == HIGH_RATE_MODEL:
+    if detail and options.model == HIGH_RATE_MODEL:
         if bpp is None or bpp >= DETAILED_WHOLE_BPP:
             return 1.0
         scale = DETAILED_SCALE

@@ -136,15 +136,15 @@ def test_effort_zero_keeps_the_measured_rate_rule() -> None:
     (quality 75, the default: 0.144 bpp); for a rate target on an image with small text from 0.175
     (rate.DETAILED_HIGH_RATE_BPP), for a quality where a photo switches, or at every quality for an
     image of mostly text (rate.TEXT_RESAMPLING_PSNR); a named model stays."""
-    def model(info: dict, detailed: bool = False, text: bool = False) -> str:
-        return rate.model_for_rate(EncodeOptions.from_info(info), 768, 512, detailed, text)
+    def model(info: dict, detail: rate.Detail = rate.Detail.NONE) -> str:
+        return rate.model_for_rate(EncodeOptions.from_info(info), 768, 512, detail)
 
     assert [model({"bpp": bpp}) for bpp in (0.1, 0.12, 0.3)] == ["taesd", "taesd3", "taesd3"]
-    assert [model({"bpp": bpp}, detailed=True) for bpp in (0.15, 0.175)] == ["taesd", "taesd3"]
+    assert [model({"bpp": bpp}, rate.Detail.FINE) for bpp in (0.15, 0.175)] == ["taesd", "taesd3"]
     assert model({"quality": 60}) == "taesd" and model({}) == "taesd3"  # quality 60: 0.109 bpp, 75: 0.144
-    assert model({"quality": 60}, detailed=True) == "taesd" and model({}, detailed=True) == "taesd3"
-    assert model({"quality": 30}, detailed=True, text=True) == "taesd3"
-    assert model({"bpp": 0.15}, detailed=True, text=True) == "taesd"  # at equal bytes taesd reads text better
+    assert model({"quality": 60}, rate.Detail.FINE) == "taesd" and model({}, rate.Detail.FINE) == "taesd3"
+    assert model({"quality": 30}, rate.Detail.TEXT) == "taesd3"
+    assert model({"bpp": 0.15}, rate.Detail.TEXT) == "taesd"  # at equal bytes taesd reads text better
     assert model({"bpp": 0.3, "model": "taesd"}) == "taesd"
 
 
