@@ -52,32 +52,33 @@ class _EncodeJob:
         """The file's coded scale as its reader will measure it (``pipeline.coded_scale``)."""
         return scale_of(self.coded_size, self.image.width)
 
-    def restoration_off(self, quantizer: quantize.Quantizer) -> bool:
-        """Whether a file stored by ``quantizer`` says not to run the restoration: where the one that would
-        run redraws small text (``restore.redraws_text``), fine detail turns it off."""
+    def stored_as(self, step: float, latent: np.ndarray) -> tuple[quantize.Quantizer, bool]:
+        """The quantizer a file of ``latent`` at ``step`` is stored with, and whether that file says not to run
+        the restoration: where the one that would run redraws small text (``restore.redraws_text``), fine
+        detail turns it off."""
         from .enhance.restore import redraws_text
 
-        return redraws_text(self.options.model, max(quantizer.steps), self.coded_scale) and self.fine_detail()
+        quantizer = quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed)
+        redraws = redraws_text(self.options.model, max(quantizer.steps), self.coded_scale)
+        return quantizer, redraws and self.fine_detail()
 
-    def quantizer_at(self, step: float, latent: np.ndarray) -> quantize.Quantizer:
-        """The quantizer a file of ``latent`` at ``step`` is stored with."""
-        return quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed)
-
-    def refined(self, latent: np.ndarray, step: float) -> np.ndarray:
-        """The effort's latent for ``step``, optimised through what the reader will run on that file: the
-        latent restorer where it runs, and the restoring decoder where one serves the file."""
+    def refined(self, latent: np.ndarray, quantizer: quantize.Quantizer, no_restoration: bool) -> np.ndarray:
+        """The effort's latent for the file ``stored_as`` describes, optimised through what the reader will run
+        on it: the latent restorer where it runs, and the restoring decoder where one serves the file."""
+        if not self.options.effort:  # the encoder's latent, without reading the restoring decoder for nothing
+            return latent
         from .enhance.restore import restores_latent, restoring_decoder
 
-        quantizer = self.quantizer_at(step, latent)
-        largest, restored = max(quantizer.steps), not self.restoration_off(quantizer)
-        model = restoring_decoder(self.model, largest, self.coded_scale) if restored else self.model
+        largest = max(quantizer.steps)
+        model = self.model if no_restoration else restoring_decoder(self.model, largest, self.coded_scale)
         return effort.refine_latent(model, latent, self.rgb, quantizer, self.options.effort,
-                                    restored=restored and restores_latent(self.options.model, largest,
-                                                                          self.coded_scale))
+                                    restored=not no_restoration and restores_latent(self.options.model, largest,
+                                                                                    self.coded_scale))
 
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
-        quantizer = self.quantizer_at(step, latent)
-        no_restoration = self.restoration_off(quantizer)
+        return self.serialized(latent, *self.stored_as(step, latent))
+
+    def serialized(self, latent: np.ndarray, quantizer: quantize.Quantizer, no_restoration: bool) -> bytes:
         symbols = quantizer.quantize(latent)
         coder = coders.get_coder(self.options.coder)
         coder_params, payload = coder.encode(symbols)
@@ -97,10 +98,11 @@ class _EncodeJob:
         if target is None:
             quality_step = rate.step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
             step = rate.step_at_scale(quality_step, self.scale, options.model)
-            return self.file_for(self.refined(latent, step), step)
+            stored = self.stored_as(step, latent)
+            return self.serialized(self.refined(latent, *stored), *stored)
         data, step = rate.fit_rate(lambda step: self.file_for(latent, step), target)
         if options.effort:
-            latent = self.refined(latent, step)
+            latent = self.refined(latent, *self.stored_as(step, latent))
             data, _ = rate.fit_rate(lambda step: self.file_for(latent, step), target)
         return data
 
