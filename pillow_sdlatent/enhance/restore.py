@@ -81,11 +81,15 @@ def clear_cache() -> list[Any]:
 
 
 def _weights_for(model_name: str) -> Path | None:
+    """The latent restorer's weights file for ``model_name``, if it ships. Asked on every decode, so the
+    file's existence is checked once (until ``clear_cache``)."""
     from ..core.registry import get_spec
 
     file = WEIGHTS.get(get_spec(model_name).latent_space)
-    path = None if file is None else WEIGHTS_DIR / file
-    return path if path is not None and path.is_file() else None
+    if file is None:
+        return None
+    path = WEIGHTS_DIR / file
+    return path if _loaded.get(("present", file), path.is_file) else None
 
 
 #: model -> its restoring decoders (float16 files, the decoder's tensors in diffusers' names) by the coded
