@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "training"))
 
-from train_decoder import upscale, upscaling  # noqa: E402
+from train_decoder import draw_steps, upscale, upscaling  # noqa: E402
 from train_restorer import DEFAULT_DATA, crop_cache, list_photos, load_cache, mean_psnr  # noqa: E402
 
 from pillow_sdlatent.core import coders, quantize  # noqa: E402
@@ -93,11 +92,6 @@ def laplace_bits(y: torch.Tensor, log_scale: torch.Tensor, steps: torch.Tensor, 
 
     probability = (cdf(y + 0.5) - cdf(y - 0.5)).clamp_min(1e-9)
     return -torch.log2(probability).sum(dim=(1, 2, 3))
-
-
-def draw_steps(generator: torch.Generator, count: int, low: float, high: float) -> torch.Tensor:
-    """Base steps, log-uniform over [low, high]."""
-    return torch.exp(math.log(low) + torch.rand(count, generator=generator) * math.log(high / low)).view(-1, 1, 1, 1)
 
 
 def validate(path: CodecPath, name: str, encoder: torch.nn.Module, pixels: np.ndarray, steps: list[float],
@@ -187,7 +181,7 @@ def main() -> None:
         x = pixels[index, :, top:top + args.crop, left:left + args.crop].float() / 127.5 - 1
         if bool(torch.randint(2, (1,), generator=generator)):
             x = x.flip(-1)
-        steps = draw_steps(generator, args.batch, *args.steps)
+        steps = draw_steps(generator, args.batch, args.steps, 1.0)
         with torch.no_grad():
             y0 = path.components(shipped, x, steps)
             plain = path.decode(path.rounded(y0), steps)
