@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "training"))
 
 from train_decoder import draw_steps, upscale, upscaling  # noqa: E402
-from train_restorer import DEFAULT_DATA, crop_cache, list_photos, load_cache, mean_psnr  # noqa: E402
+from train_restorer import DEFAULT_DATA, crop_cache, list_photos, load_cache, mean_psnr, relative_errors  # noqa: E402
 
 from pillow_sdlatent.core import coders, quantize  # noqa: E402
 from pillow_sdlatent.enhance.restore import decoder_file  # noqa: E402
@@ -185,8 +185,6 @@ def main() -> None:
         with torch.no_grad():
             y0 = path.components(shipped, x, steps)
             plain = path.decode(path.rounded(y0), steps)
-            plain_mse = ((plain - x) ** 2).mean(dim=(1, 2, 3))
-            plain_lpips = training_lpips(plain, x).flatten()
         y = path.components(tuned, x, steps)
         decoded = path.decode(path.rounded(y), steps)
         noisy = y + torch.rand(y.shape, generator=generator) - 0.5
@@ -194,8 +192,7 @@ def main() -> None:
         with torch.no_grad():
             plain_bits = laplace_bits(y0 + torch.rand(y0.shape, generator=generator) - 0.5, log_scale, steps,
                                       path.weights)
-        mse = ((decoded - x) ** 2).mean(dim=(1, 2, 3)) / plain_mse.clamp_min(1e-6)
-        perceptual = training_lpips(decoded, x).flatten() / plain_lpips.clamp_min(1e-4)
+        mse, perceptual = relative_errors(decoded, plain, x, training_lpips)
         rate = bits / plain_bits  # its gradient also fits the Laplace scales to the tuned encoder's components
         loss = (mse + args.lpips_weight * perceptual + args.rate_weight * rate).mean()
         optimizer.zero_grad()
