@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import struct
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -171,10 +172,20 @@ def coded_bytes(image: Image.Image, **options: object) -> bytes:
     return buffer.getvalue()
 
 
+def crop_without_text() -> Image.Image:
+    """A corner of the same held-out photo, without lettering."""
+    with Image.open(HELD_OUT_PHOTO) as opened:
+        return opened.convert("RGB").crop((0, 0, 256, 192))
+
+
 @functools.cache
-def lettered(**options: object) -> bytes:
-    """The lettered crop's file with these save options, coded once however many tests look at it."""
-    return coded_bytes(crop_with_text(), **options)
+def coded_crop(crop: Callable[[], Image.Image], **options: object) -> bytes:
+    """``crop()``'s file with these save options, coded once however many tests look at it."""
+    return coded_bytes(crop(), **options)
+
+
+lettered = functools.partial(coded_crop, crop_with_text)
+unlettered = functools.partial(coded_crop, crop_without_text)
 
 
 def model_and_picture(data: bytes) -> tuple[str, Image.Image]:
@@ -198,9 +209,7 @@ def test_small_text_keeps_the_rules_that_keep_it() -> None:
     at 0.35 bpp whole, with plain rounding. A crop of the same photo without text gets taesd3 at 0.625 of
     its size at 0.15 bpp and at 0.75 at 0.25 bpp."""
     text = crop_with_text()
-    with Image.open(HELD_OUT_PHOTO) as opened:
-        photo = opened.convert("RGB").crop((0, 0, 256, 192))
-    assert rate.holds_fine_detail(text) and not rate.holds_fine_detail(photo)
+    assert rate.holds_fine_detail(text) and not rate.holds_fine_detail(crop_without_text())
 
     def coded_as(data: bytes) -> tuple[str, tuple[int, int]]:
         with Image.open(io.BytesIO(data)) as opened:
@@ -209,8 +218,8 @@ def test_small_text_keeps_the_rules_that_keep_it() -> None:
     assert coded_as(lettered(bpp=0.15)) == ("taesd", text.size)
     assert coded_as(lettered(bpp=0.25)) == ("taesd3", (192, 144))
     assert coded_as(lettered(bpp=0.35)) == ("taesd3", text.size)
-    assert coded_as(coded_bytes(photo, bpp=0.15)) == ("taesd3", (160, 120))
-    assert coded_as(coded_bytes(photo, bpp=0.25)) == ("taesd3", (192, 144))
+    assert coded_as(unlettered(bpp=0.15)) == ("taesd3", (160, 120))
+    assert coded_as(unlettered(bpp=0.25)) == ("taesd3", (192, 144))
 
 
 @pytest.mark.parametrize(("bpp", "least_gain"),
@@ -258,9 +267,7 @@ def test_small_text_is_decoded_without_the_restorer(bpp: float) -> None:
     docs/fidelity/restoring_decoder): at 0.1 bpp (the restorer's step) and 0.15 bpp (a restoring decoder's)
     the lettered crop is flagged (SHDR flag bit 0, format minor version 1) and decodes as with restore=False;
     the same photo without text is not flagged (minor version 0), and the restoration runs on it."""
-    with Image.open(HELD_OUT_PHOTO) as opened:
-        photo = opened.convert("RGB").crop((0, 0, 256, 192))
-    for data, flagged in ((lettered(bpp=bpp), True), (coded_bytes(photo, bpp=bpp), False)):
+    for data, flagged in ((lettered(bpp=bpp), True), (unlettered(bpp=bpp), False)):
         layout = container.read_layout(io.BytesIO(data))
         assert bool(layout.header.flags & container.FLAG_NO_RESTORATION) == flagged
         assert layout.version[1] == (1 if flagged else 0)  # 1.1 or 2.1 (coded smaller) when flagged
