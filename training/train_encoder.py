@@ -3,12 +3,13 @@ nothing it writes ships; results in training/README.md).
 
 TAESD's encoder was distilled to match the SD 3 VAE's latents; the codec then quantizes them and a
 restoring decoder decodes them. This trains the encoder through that path as the codec runs it at low
-rates: a 256x256 training crop resized to ``--scale`` (Lanczos, as a linear map), encoded, its ``klt``
-components rounded at the codec's rounding offset (straight through), decoded by the restoring decoder
-that serves such files, scaled back up and rounded to 8 bits. The loss is pixel MSE plus ST-LPIPS (VGG
-trunk: the benchmarks score with AlexNet's) plus ``--rate-weight`` times the bits of the symbols under a
-Laplace density per component (with a uniform noise proxy for the rounding; its scales are learned with
-it), each relative to the shipped encoder's on the same crop and step.
+rates: a training crop (``--crop`` pixels cut from the cache's 256x256 crops) resized to ``--scale``
+(Lanczos, as a linear map), encoded, its ``klt`` components rounded at the codec's rounding offset
+(straight through), decoded by the restoring decoder that serves such files, scaled back up and rounded
+to 8 bits. The loss is pixel MSE plus ST-LPIPS (VGG trunk: the benchmarks score with AlexNet's) plus
+``--rate-weight`` times the bits of the symbols under a Laplace density per component (with a uniform
+noise proxy for the rounding; its scales are learned with it), each relative to the shipped encoder's on
+the same crop and step.
 
 The decoder is unchanged, so a file from the tuned encoder reads with any build. Validation codes the
 held-out crops (every 20th photo) with the real ``ctx3`` coder at fixed steps, both encoders, and prints
@@ -48,7 +49,7 @@ MODEL = "taesd3"
 class CodecPath(torch.nn.Module):
     """Crop -> resized -> latent -> rounded klt components -> restoring decoder -> scaled back up."""
 
-    def __init__(self, autoencoder: torch.nn.Module, decoder_weights: Path, side: int, scale: float) -> None:
+    def __init__(self, autoencoder: torch.nn.Module, decoder_weights: Path, scale: float) -> None:
         super().__init__()
         from safetensors.torch import load_file
 
@@ -59,19 +60,28 @@ class CodecPath(torch.nn.Module):
         self.register_buffer("matrix", torch.from_numpy(transform.matrix).float())
         self.register_buffer("mean", torch.from_numpy(transform.mean).float().view(1, -1, 1, 1))
         self.register_buffer("weights", torch.from_numpy(transform.step_weights).float().view(1, -1, 1, 1))
-        self.register_buffer("down", upscaling(side, 1 / scale))
-        self.register_buffer("up", upscaling(self.down.shape[0], scale))
+        self.scale = scale
         self.offset = quantize.ROUNDING_OFFSETS[MODEL]
+        self.resizing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def resizers(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Lanczos maps from a ``side``-pixel crop to the coded size and back, built once per side."""
+        if side not in self.resizing:
+            down = upscaling(side, 1 / self.scale)
+            self.resizing[side] = down, upscaling(down.shape[0], self.scale)
+        return self.resizing[side]
 
     def components(self, encoder: torch.nn.Module, x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """Each crop's klt components in units of its component steps, unrounded."""
-        small = torch.einsum("oh,nchw,pw->ncop", self.down, x, self.down).clamp(-1, 1)
+        down, _ = self.resizers(x.shape[-1])
+        small = torch.einsum("oh,nchw,pw->ncop", down, x, down).clamp(-1, 1)
         latent = encoder(small)
         return torch.einsum("kc,nchw->nkhw", self.matrix, latent - self.mean) / (steps * self.weights)
 
-    def decode(self, symbols: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    def decode(self, symbols: torch.Tensor, steps: torch.Tensor, side: int) -> torch.Tensor:
+        """The ``side``-pixel crop the reader shows for these symbols."""
         latent = torch.einsum("kc,nkhw->nchw", self.matrix, symbols * steps * self.weights) + self.mean
-        return upscale(self.decoding.decode(latent).sample.clamp(-1, 1), self.up)
+        return upscale(self.decoding.decode(latent).sample.clamp(-1, 1), self.resizers(side)[1])
 
     def symbols(self, y: torch.Tensor) -> torch.Tensor:
         """The codec's rounding toward zero by ``offset`` (``quantize.rounded``)."""
@@ -109,7 +119,7 @@ def validate(path: CodecPath, name: str, encoder: torch.nn.Module, pixels: np.nd
                 for item in symbols.numpy().astype(np.int32):
                     params, payload = coder.encode(item)
                     bits += 8 * (len(params) + len(payload))
-                decoded.append(path.decode(symbols, s))
+                decoded.append(path.decode(symbols, s, x.shape[-1]))
             decoded = torch.cat(decoded)
             score = torch.cat([lpips(decoded[i:i + 8], x[i:i + 8]).flatten() for i in range(0, len(x), 8)])
             psnr = mean_psnr(decoded, torch.from_numpy(pixels).permute(0, 3, 1, 2).double())
@@ -157,23 +167,21 @@ def main() -> None:
     autoencoder = load_model(MODEL, device="cpu").module.float()
     data = load_cache(crop_cache(MODEL), len(list_photos(args.data)))
     pixels = torch.from_numpy(data["train"]["pixels"]).permute(0, 3, 1, 2)
-    decoder_weights = WEIGHTS_DIR / decoder_file(MODEL, args.scale)
-    path = CodecPath(autoencoder, decoder_weights, args.crop, args.scale)
-    val_path = CodecPath(autoencoder, decoder_weights, pixels.shape[-1], args.scale)
+    path = CodecPath(autoencoder, WEIGHTS_DIR / decoder_file(MODEL, args.scale), args.scale)
     shipped = autoencoder.encoder.requires_grad_(False)
     tuned = copy.deepcopy(shipped).requires_grad_(True)
     training_lpips, scoring_lpips = STLPIPS("vgg").net, STLPIPS("alex").net
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():  # the Laplace scales start at the shipped encoder's components on some crops
         sample = pixels[torch.randperm(len(pixels), generator=generator)[:32]].float() / 127.5 - 1
-        components = val_path.components(shipped, sample, torch.ones(1, 1, 1, 1)) * path.weights
+        components = path.components(shipped, sample, torch.ones(1, 1, 1, 1)) * path.weights
     log_scale = torch.log(components.abs().mean(dim=(0, 2, 3))).requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": tuned.parameters(), "lr": args.lr},
                                   {"params": [log_scale], "lr": 1e-2}])
     models = Path(os.environ.get("PILLOW_SDLATENT_MODELS", REPO.parent / "shared" / "models" / "taesd"))
     val = data["val"]["pixels"]
     print(f"train crops {len(pixels)}, val crops {len(val)}", flush=True)
-    validate(val_path, "shipped", shipped, val, args.val_steps, scoring_lpips)
+    validate(path, "shipped", shipped, val, args.val_steps, scoring_lpips)
     start = time.time()
     for it in range(1, args.iters + 1):
         index = torch.randint(len(pixels), (args.batch,), generator=generator)
@@ -184,9 +192,9 @@ def main() -> None:
         steps = draw_steps(generator, args.batch, args.steps, 1.0)
         with torch.no_grad():
             y0 = path.components(shipped, x, steps)
-            plain = path.decode(path.rounded(y0), steps)
+            plain = path.decode(path.rounded(y0), steps, args.crop)
         y = path.components(tuned, x, steps)
-        decoded = path.decode(path.rounded(y), steps)
+        decoded = path.decode(path.rounded(y), steps, args.crop)
         noisy = y + torch.rand(y.shape, generator=generator) - 0.5
         bits = laplace_bits(noisy, log_scale, steps, path.weights)
         with torch.no_grad():
@@ -202,7 +210,7 @@ def main() -> None:
             print(f"{it}/{args.iters} mse {mse.mean().item():.4f} lpips {perceptual.mean().item():.4f} "
                   f"rate {rate.mean().item():.4f} {time.time() - start:.0f}s", flush=True)
         if it % args.val_every == 0 or it == args.iters:
-            validate(val_path, f"tuned {it}", tuned, val, args.val_steps, scoring_lpips)
+            validate(path, f"tuned {it}", tuned, val, args.val_steps, scoring_lpips)
             save_models_folder(tuned, args.out, models)
     print(f"wrote {args.out}")
 
