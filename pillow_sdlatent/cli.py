@@ -48,7 +48,8 @@ def _attempt(work: Callable[[list[Path]], None], chunk: list[Path]) -> int:
 
 def save_options(args: argparse.Namespace) -> dict[str, object]:
     return {"quality": args.quality, "bpp": args.bpp, "max_bytes": args.max_bytes, "effort": args.effort,
-            "model": args.model, "device": args.device, "weights": args.weights, "scale": args.scale}
+            "model": args.model, "device": args.device, "weights": args.weights, "scale": args.scale,
+            "faces": args.faces}
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--effort", type=int, default=0, help="0 (fast) .. 3: time spent refining the latent")
         sub.add_argument("--scale", type=float,
                          help="code the image resized by this factor in (0, 1] (default: chosen per rate)")
+        sub.add_argument("--faces", action=argparse.BooleanOptionalAction,
+                         help="code the faces OpenCV finds with finer steps (default: where OpenCV is installed)")
 
     encode = commands.add_parser("encode", help="compress images to .sdl")
     encode.add_argument("inputs", nargs="+", type=Path)

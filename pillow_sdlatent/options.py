@@ -35,6 +35,7 @@ class EncodeOptions:
     device: str | None = None
     weights: str | None = None
     scale: float | None = None
+    faces: bool = False  # code the faces OpenCV finds with finer steps (``faces``)
 
     @classmethod
     def from_info(cls, info: dict[str, Any]) -> EncodeOptions:
@@ -70,9 +71,16 @@ class EncodeOptions:
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                                   or not 0 < scale <= 1):
             raise ValueError(f"scale must be a number in (0, 1], not {scale!r}")
+        from . import faces as face_finder
+
+        faces = info.get("faces")
+        if faces is not None and not isinstance(faces, bool):
+            raise ValueError(f"faces must be True, False or None (find them where OpenCV is installed), not {faces!r}")
+        if faces and not face_finder.available():
+            raise ValueError("faces=True needs OpenCV: pip install 'pillow_sdlatent[faces]'")
         return cls(quality, None if bpp is None else float(bpp), max_bytes, model or DEFAULT_MODEL,
                    model is not None, effort, coder, device, os.fspath(weights) if weights else None,
-                   None if scale is None else float(scale))
+                   None if scale is None else float(scale), face_finder.available() if faces is None else faces)
 
 
 def metadata_from(image: Image.Image, info: dict[str, Any]) -> dict[str, bytes]:

@@ -17,7 +17,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from . import rate
+from . import faces, rate
 from .core import coders, container, quantize
 from .core.container import DamagedFileError, Header, Layout
 from .core.modes import alpha_chunk, alpha_plane, finish_mode, working_image
@@ -46,6 +46,7 @@ class _EncodeJob:
     coded_size: tuple[int, int] | None
     detailed: bool  # coded by the rules that keep small text (rate.holds_fine_detail, where it could matter)
     fine_detail: Callable[[], bool]  # rate.holds_fine_detail of the image, checked once when first asked
+    regions: tuple[container.Region, ...]  # the faces, coded with finer steps
 
     @property
     def coded_scale(self) -> float:
@@ -58,7 +59,8 @@ class _EncodeJob:
         detail turns it off."""
         from .enhance.restore import redraws_text
 
-        quantizer = quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed)
+        quantizer = replace(quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed),
+                            regions=self.regions)
         redraws = redraws_text(self.options.model, max(quantizer.steps), self.coded_scale)
         return quantizer, redraws and self.fine_detail()
 
@@ -89,7 +91,7 @@ class _EncodeJob:
             coder=coder.name, coder_params=coder_params, payload_length=len(payload),
             coded_size=self.coded_size, flags=container.FLAG_NO_RESTORATION if no_restoration else 0,
         )
-        return container.serialize(header, payload, self.metadata, self.alpha)
+        return container.serialize(header, payload, self.metadata, self.alpha, quantizer.regions)
 
     def finish(self, latent: np.ndarray) -> bytes:
         """Choose the step (quality or rate control), spend the effort, serialize."""
@@ -147,13 +149,18 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
         model = load_model(chosen, weights=options.weights, device=options.device)
     options = replace(options, model=chosen, coder=coder)
     coded = rate.scaled_size(width, height, rate.scale_for_rate(options, width, height, detail))
+    regions: tuple[container.Region, ...] = ()
+    if options.faces:
+        coded_width, coded_height = coded or (width, height)
+        regions = faces.face_regions(faces.face_boxes(work), (width, height), (coded_width, coded_height),
+                                     container.latent_size(coded_width, coded_height)[::-1])
     scale = 1.0
     if coded is not None:  # the scale rounding left, for the step
         scale = math.sqrt(coded[0] * coded[1] / (width * height))
         colour = work if work.mode in ("RGB", "L") else work.convert("RGB")
         work = colour.resize(coded, container.RESAMPLING[container.LANCZOS])
     return _EncodeJob(image, options, metadata, stored_mode, alpha, padded_rgb(work), model, scale, coded,
-                      detail >= rate.Detail.FINE, fine_detail)
+                      detail >= rate.Detail.FINE, fine_detail, regions)
 
 
 def closer_of_trial(image: Image.Image, info: dict[str, Any] | None, job: _EncodeJob, data: bytes) -> bytes:

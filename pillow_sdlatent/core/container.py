@@ -38,6 +38,11 @@ ALPHA_MODES = frozenset({"RGBA", "LA"})
 #: Metadata chunk type -> the Pillow ``info`` key it carries.
 METADATA_CHUNKS = {b"eXIf": "exif", b"iCCP": "icc_profile", b"xMPd": "xmp"}
 HEADER, ALPHA, PAYLOAD, END = b"SHDR", b"ALPH", b"LATD", b"SEND"
+#: QREG (FORMAT.md): rectangles of the latent whose symbols stand for a finer step than the quantizer's
+REGIONS = b"QREG"
+MAX_REGIONS = 1024
+#: the smallest step factor a region may give (a region only ever refines)
+MIN_STEP_FACTOR = 2.0**-8
 #: SHDR flag bit 0 (FORMAT.md, SHDR): the writer found fine detail (small text) that latent restoration
 #: would redraw; a reader decodes without it. Readers before format 1.1 ignore it, as they may.
 FLAG_NO_RESTORATION = 1
@@ -162,6 +167,46 @@ class Header:
             raise FormatError("payload length exceeds what the latent shape allows")
 
 
+@dataclass(frozen=True)
+class Region:
+    """A rectangle of latent positions, ``x0 <= x < x1`` and ``y0 <= y < y1``, whose symbols were quantized with
+    the quantizer's steps times ``factor`` (a float32 in [MIN_STEP_FACTOR, 1])."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    factor: float
+
+
+def regions_to_bytes(regions: tuple[Region, ...], latent_shape: tuple[int, int, int]) -> bytes:
+    """QREG's data; ``ValueError`` for regions a reader would refuse."""
+    check_regions(regions, latent_shape, ValueError)
+    return struct.pack(">H", len(regions)) + b"".join(
+        struct.pack(">IIIIf", r.x0, r.y0, r.x1, r.y1, r.factor) for r in regions)
+
+
+def regions_from_bytes(data: bytes, latent_shape: tuple[int, int, int]) -> tuple[Region, ...]:
+    """QREG's regions; ``DamagedFileError`` when the chunk is malformed or a region leaves the latent."""
+    if len(data) < 2 or len(data) != 2 + 20 * struct.unpack(">H", data[:2])[0]:
+        raise DamagedFileError("QREG chunk length does not match its region count")
+    regions = tuple(Region(*struct.unpack_from(">IIIIf", data, 2 + 20 * i)) for i in range((len(data) - 2) // 20))
+    check_regions(regions, latent_shape, DamagedFileError)
+    return regions
+
+
+def check_regions(regions: tuple[Region, ...], latent_shape: tuple[int, int, int], error: type[Exception]) -> None:
+    """1..MAX_REGIONS non-empty rectangles inside the latent, each factor a float32 in [MIN_STEP_FACTOR, 1]."""
+    _, lat_h, lat_w = latent_shape
+    if not 1 <= len(regions) <= MAX_REGIONS:
+        raise error(f"QREG holds {len(regions)} regions, not 1..{MAX_REGIONS}")
+    for r in regions:
+        if not (0 <= r.x0 < r.x1 <= lat_w and 0 <= r.y0 < r.y1 <= lat_h):
+            raise error(f"QREG region {r} is not within the {lat_w}x{lat_h} latent")
+        if not MIN_STEP_FACTOR <= r.factor <= 1 or struct.unpack(">f", struct.pack(">f", r.factor))[0] != r.factor:
+            raise error(f"QREG step factor {r.factor!r} is not a float32 in [{MIN_STEP_FACTOR}, 1]")
+
+
 @dataclass
 class Layout:
     """Where things are in an opened file; the payload itself is not read yet."""
@@ -170,6 +215,7 @@ class Layout:
     version: tuple[int, int]
     metadata: dict[str, bytes] = field(default_factory=dict)
     alpha: bytes | None = None
+    regions: tuple[Region, ...] = ()
     payload_offset: int = 0
     payload_crc: int | None = None
     complete: bool = True
@@ -217,13 +263,13 @@ def is_critical(chunk_type: bytes) -> bool:
 
 
 def write(fp: IO[bytes], header: Header, payload: bytes, metadata: dict[str, bytes],
-          alpha: bytes | None = None) -> None:
+          alpha: bytes | None = None, regions: tuple[Region, ...] = ()) -> None:
     """Write a whole file. Callers build all bytes first, so a failure writes nothing."""
-    fp.write(serialize(header, payload, metadata, alpha))
+    fp.write(serialize(header, payload, metadata, alpha, regions))
 
 
 def serialize(header: Header, payload: bytes, metadata: dict[str, bytes],
-              alpha: bytes | None = None) -> bytes:
+              alpha: bytes | None = None, regions: tuple[Region, ...] = ()) -> bytes:
     if len(payload) != header.payload_length:
         raise ValueError("payload length does not match the header")
     header.check_limits()
@@ -238,6 +284,8 @@ def serialize(header: Header, payload: bytes, metadata: dict[str, bytes],
         if len(alpha) > MAX_METADATA_BYTES:
             raise ValueError("alpha plane too large")
         out.append(_chunk(ALPHA, alpha))
+    if regions:
+        out.append(_chunk(REGIONS, regions_to_bytes(regions, header.latent_shape)))
     out.append(_chunk(PAYLOAD, payload))
     out.append(_chunk(END, b""))
     return b"".join(out)
@@ -288,7 +336,7 @@ def _read_body(fp: IO[bytes], layout: Layout) -> None:
         length, chunk_type = struct.unpack(">I4s", head)
         if not chunk_type.isalpha():  # bytes.isalpha: ASCII letters only
             raise DamagedFileError(f"invalid chunk type {chunk_type!r}")
-        if chunk_type in seen and chunk_type in (HEADER, ALPHA, PAYLOAD, END, *METADATA_CHUNKS):
+        if chunk_type in seen and chunk_type in (HEADER, ALPHA, REGIONS, PAYLOAD, END, *METADATA_CHUNKS):
             raise DamagedFileError(f"duplicate {chunk_type!r} chunk")
         if chunk_type == HEADER:
             raise DamagedFileError("duplicate 'SHDR' chunk")
@@ -317,13 +365,13 @@ def _read_body(fp: IO[bytes], layout: Layout) -> None:
             elif struct.unpack(">I", crc)[0] != zlib.crc32(END):
                 raise DamagedFileError("CRC mismatch in 'SEND' chunk")
             return
-        if is_critical(chunk_type) and chunk_type != ALPHA:
+        if is_critical(chunk_type) and chunk_type not in (ALPHA, REGIONS):
             raise DamagedFileError(
                 f"SDL file needs chunk {chunk_type!r}, which this reader does not know; "
                 "upgrade pillow_sdlatent"
             )
-        if PAYLOAD in seen and chunk_type == ALPHA:
-            raise DamagedFileError("ALPH chunk after the payload")
+        if PAYLOAD in seen and chunk_type in (ALPHA, REGIONS):
+            raise DamagedFileError(f"{chunk_type.decode()} chunk after the payload")
         if length > MAX_METADATA_BYTES:
             raise DamagedFileError(f"{chunk_type!r} chunk larger than {MAX_METADATA_BYTES} bytes")
         data = _read_upto(fp, length)
@@ -339,6 +387,8 @@ def _read_body(fp: IO[bytes], layout: Layout) -> None:
             if layout.header.mode not in ALPHA_MODES:
                 raise DamagedFileError(f"ALPH chunk in a {layout.header.mode} image")
             layout.alpha = data
+        elif chunk_type == REGIONS:
+            layout.regions = regions_from_bytes(data, layout.header.latent_shape)
         elif chunk_type in METADATA_CHUNKS:
             layout.metadata[METADATA_CHUNKS[chunk_type]] = data
     raise DamagedFileError(f"more than {MAX_CHUNKS} chunks")

@@ -15,6 +15,7 @@ from functools import cache
 import numpy as np
 
 from ..weights import WEIGHTS_DIR
+from .container import Region
 
 #: quality maps log-linearly onto the step (latent units; TAESD latents have a standard
 #: deviation of about 0.6) in two pieces: 1 -> MAX_STEP, 75 -> DEFAULT_STEP, 100 -> MIN_STEP.
@@ -59,6 +60,18 @@ def step_for_quality(quality: int) -> float:
     return float(math.exp(math.log(coarse) + t * (math.log(fine) - math.log(coarse))))
 
 
+def step_factors(regions: tuple[Region, ...], height: int, width: int) -> np.ndarray | None:
+    """(H, W) float64 factor on the step at each latent position: the smallest of the regions that hold it,
+    1 elsewhere (FORMAT.md, QREG); None without regions."""
+    if not regions:
+        return None
+    factors = np.ones((height, width), dtype=np.float64)
+    for region in regions:
+        inside = factors[region.y0:region.y1, region.x0:region.x1]
+        np.minimum(inside, region.factor, out=inside)
+    return factors
+
+
 @dataclass(frozen=True)
 class UniformQuantizer:
     """Mid-tread uniform scalar quantizer with one step per latent channel.
@@ -70,6 +83,8 @@ class UniformQuantizer:
     steps: tuple[float, ...]
     #: the encoder's rounding (``rounded``); a reader never uses it
     rounding_offset: float = 0.0
+    #: where the steps are finer (the file's QREG chunk)
+    regions: tuple[Region, ...] = ()
     name = "uniform"
 
     @classmethod
@@ -84,12 +99,18 @@ class UniformQuantizer:
     def quantize(self, latent: np.ndarray) -> np.ndarray:
         """(C, H, W) float latent -> (C, H, W) int32 symbols."""
         steps = np.asarray(self.steps, dtype=np.float32).reshape(-1, 1, 1)
+        factors = step_factors(self.regions, *latent.shape[1:])
+        if factors is not None:
+            steps = steps * factors.astype(np.float32)
         return rounded(latent.astype(np.float32) / steps, self.rounding_offset).astype(np.int32)
 
     def dequantize(self, symbols: np.ndarray) -> np.ndarray:
-        """(C, H, W) int symbols -> (C, H, W) float32 latent."""
+        """(C, H, W) int symbols -> (C, H, W) float32 latent: ``symbol * step``, then ``* factor`` in a region,
+        each a float32 product."""
         steps = np.asarray(self.steps, dtype=np.float32).reshape(-1, 1, 1)
-        return symbols.astype(np.float32) * steps
+        latent = symbols.astype(np.float32) * steps
+        factors = step_factors(self.regions, *symbols.shape[1:])
+        return latent if factors is None else latent * factors.astype(np.float32)
 
     def to_params(self) -> bytes:
         return struct.pack(f">{len(self.steps)}f", *self.steps)
@@ -155,6 +176,8 @@ class KltQuantizer:
     transform: KltTransform
     #: the encoder's rounding (``rounded``); a reader never uses it
     rounding_offset: float = 0.0
+    #: where the steps are finer (the file's QREG chunk)
+    regions: tuple[Region, ...] = ()
     name = "klt"
 
     @classmethod
@@ -169,12 +192,18 @@ class KltQuantizer:
 
     def quantize(self, latent: np.ndarray) -> np.ndarray:
         steps = np.asarray(self.steps, dtype=np.float64).reshape(-1, 1, 1)
+        factors = step_factors(self.regions, *latent.shape[1:])
+        if factors is not None:
+            steps = steps * factors
         return rounded(self.components(latent) / steps, self.rounding_offset).astype(np.int32)
 
     def dequantize(self, symbols: np.ndarray) -> np.ndarray:
         """Bit-exact on every IEEE-754 platform: each product and sum is one rounded float64 operation."""
         matrix, mean = self.transform.matrix, self.transform.mean
         values = [symbols[k].astype(np.float64) * self.steps[k] for k in range(len(self.steps))]
+        factors = step_factors(self.regions, *symbols.shape[1:])
+        if factors is not None:
+            values = [value * factors for value in values]
         latent = np.empty(symbols.shape, dtype=np.float32)
         for c in range(len(self.steps)):
             total = np.zeros(symbols.shape[1:], dtype=np.float64)

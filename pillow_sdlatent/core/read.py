@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 from collections.abc import Iterator
@@ -44,8 +45,8 @@ def file_quantizer(header: Header) -> quantize.Quantizer:
 
 
 def dequantize(layout: Layout, symbols: np.ndarray) -> np.ndarray:
-    """The float32 latent the file's symbols stand for (bit for bit, FORMAT.md)."""
-    return file_quantizer(layout.header).dequantize(symbols)
+    """The float32 latent the file's symbols stand for (bit for bit, FORMAT.md), finer in its QREG regions."""
+    return dataclasses.replace(file_quantizer(layout.header), regions=layout.regions).dequantize(symbols)
 
 
 def read_payload(fp: IO[bytes], layout: Layout, allow_truncated: bool) -> bytes:

@@ -1,0 +1,168 @@
+"""Faces coded with finer steps: the QREG chunk (FORMAT.md), its dequantization to the bit, its refusals, and
+what the ``faces`` save option does to a photo with a face at a fixed rate."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED, psnr
+from PIL import Image
+
+import pillow_sdlatent
+from pillow_sdlatent import faces, pipeline
+from pillow_sdlatent.core import container, quantize, read
+
+VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
+#: a training photo with one face (BSDS500 122048, 481x321); its face box as the fidelity benchmark finds it
+FACE_PHOTO = SHARED / "data" / "train" / "BSDS500" / "122048.jpg"
+OVERLAPPING = (container.Region(1, 1, 5, 4, 0.5), container.Region(3, 2, 8, 6, 0.25))
+
+
+def reference_factor(regions: tuple[container.Region, ...], y: int, x: int) -> float:
+    """FORMAT.md: the smallest factor of the regions holding (y, x), else 1."""
+    return min([r.factor for r in regions if r.x0 <= x < r.x1 and r.y0 <= y < r.y1], default=1.0)
+
+
+def reference_klt(quantizer: quantize.KltQuantizer, symbols: np.ndarray) -> np.ndarray:
+    """FORMAT.md's klt pseudo-code, one position at a time in Python floats (binary64, no fused operations)."""
+    matrix, mean, (channels, height, width) = quantizer.transform.matrix, quantizer.transform.mean, symbols.shape
+    out = np.empty(symbols.shape, dtype=np.float32)
+    for y in range(height):
+        for x in range(width):
+            f = reference_factor(quantizer.regions, y, x)
+            values = [float(symbols[k, y, x]) * quantizer.steps[k] for k in range(channels)]
+            values = [v * f for v in values] if f != 1 else values
+            for c in range(channels):
+                acc = 0.0
+                for k in range(channels):
+                    acc = acc + float(matrix[k, c]) * values[k]
+                out[c, y, x] = np.float32(acc + float(mean[c]))
+    return out
+
+
+def vector_layout(name: str) -> tuple[bytes, container.Layout, np.ndarray]:
+    data = (VECTORS / f"{name}.sdl").read_bytes()
+    fp = io.BytesIO(data)
+    layout = container.read_layout(fp)
+    return data, layout, read.read_symbols(layout, container.read_payload(fp, layout))
+
+
+def test_klt_vector_follows_the_format_to_the_bit() -> None:
+    data, layout, symbols = vector_layout("taesd3_klt_ctx3_qreg")
+    assert layout.regions == OVERLAPPING
+    quantizer = dataclasses.replace(read.file_quantizer(layout.header), regions=layout.regions)
+    expected = reference_klt(quantizer, symbols)
+    np.testing.assert_array_equal(pillow_sdlatent.read_latent(data), expected)
+    plain = read.file_quantizer(layout.header).dequantize(symbols)
+    outside = np.array([[reference_factor(OVERLAPPING, y, x) == 1 for x in range(8)] for y in range(6)])
+    np.testing.assert_array_equal(expected[:, outside], plain[:, outside])
+    assert not np.array_equal(expected[:, ~outside], plain[:, ~outside])
+
+
+def test_uniform_vector_follows_the_format_to_the_bit() -> None:
+    data, layout, symbols = vector_layout("taesd_ctx2_qreg")
+    steps = np.asarray(read.file_quantizer(layout.header).steps, dtype=np.float32)
+    factors = np.array([[reference_factor(layout.regions, y, x) for x in range(8)] for y in range(6)], np.float32)
+    expected = (symbols.astype(np.float32) * steps[:, None, None]) * factors  # two float32 products
+    np.testing.assert_array_equal(pillow_sdlatent.read_latent(data), expected)
+    assert factors.min() == np.float32(0.25) and (factors == 1).sum() == 48 - (12 + 20 - 4)
+
+
+def test_regions_round_trip_through_the_container() -> None:
+    shape = (4, 6, 8)
+    data = container.regions_to_bytes(OVERLAPPING, shape)
+    assert len(data) == 2 + 20 * 2
+    assert container.regions_from_bytes(data, shape) == OVERLAPPING
+
+
+@pytest.mark.parametrize("region, message", [
+    (container.Region(0, 0, 9, 6, 0.5), "not within"),
+    (container.Region(3, 0, 3, 6, 0.5), "not within"),
+    (container.Region(0, 0, 8, 6, 1.5), "float32 in"),
+    (container.Region(0, 0, 8, 6, 0.0), "float32 in"),
+    (container.Region(0, 0, 8, 6, 0.3), "float32 in"),  # 0.3 is not a float32
+    (container.Region(0, 0, 8, 6, float("nan")), "float32 in"),
+])
+def test_a_writer_refuses_regions_a_reader_would(region: container.Region, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        container.regions_to_bytes((region,), (4, 6, 8))
+
+
+def with_qreg(data: bytes, qreg: bytes, before: bytes = container.PAYLOAD) -> bytes:
+    """``data`` with a QREG chunk of ``qreg`` inserted before its ``before`` chunk (with a valid CRC)."""
+    chunk = struct.pack(">I4s", len(qreg), container.REGIONS) + qreg + struct.pack(
+        ">I", zlib.crc32(container.REGIONS + qreg))
+    at = data.index(before) - 4
+    return data[:at] + chunk + data[at:]
+
+
+@pytest.mark.parametrize("qreg, before, message", [
+    (struct.pack(">HIIIIf", 1, 0, 0, 9, 6, 0.5), container.PAYLOAD, "not within"),
+    (struct.pack(">HIIIIf", 2, 0, 0, 8, 6, 0.5), container.PAYLOAD, "region count"),
+    (struct.pack(">H", 0), container.PAYLOAD, "0 regions"),
+    (struct.pack(">HIIIIf", 1, 0, 0, 8, 6, 2.0), container.PAYLOAD, "float32 in"),
+    (struct.pack(">HIIIIf", 1, 0, 0, 8, 6, 0.5), container.END, "after the payload"),
+])
+def test_a_damaged_qreg_is_an_os_error(qreg: bytes, before: bytes, message: str) -> None:
+    plain = (VECTORS / "taesd_ctx2_rgb.sdl").read_bytes()
+    with pytest.raises(OSError, match=message):
+        Image.open(io.BytesIO(with_qreg(plain, qreg, before)))
+
+
+def test_a_second_qreg_is_refused() -> None:
+    data = (VECTORS / "taesd_ctx2_qreg.sdl").read_bytes()
+    with pytest.raises(OSError, match="duplicate"):
+        Image.open(io.BytesIO(with_qreg(data, struct.pack(">HIIIIf", 1, 0, 0, 8, 6, 0.5))))
+
+
+def test_the_faces_option_is_checked(photo: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="faces must be"):
+        photo.save(io.BytesIO(), format="SDL", faces="yes")
+    monkeypatch.setattr(faces, "available", lambda: False)
+    with pytest.raises(ValueError, match="needs OpenCV"):
+        photo.save(io.BytesIO(), format="SDL", faces=True)
+    assert b"QREG" not in pipeline.encode_image(photo)  # without OpenCV the default finds no faces
+
+
+@pytest.fixture(scope="module")
+def face_photo() -> Image.Image:
+    pytest.importorskip("cv2")
+    with Image.open(FACE_PHOTO) as image:
+        return image.convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def face_files(face_photo: Image.Image) -> dict[bool, bytes]:
+    return {wanted: pipeline.encode_image(face_photo, {"bpp": 0.15, "faces": wanted}) for wanted in (False, True)}
+
+
+def test_a_face_is_found_and_recorded(face_photo: Image.Image, face_files: dict[bool, bytes]) -> None:
+    (box,) = faces.face_boxes(face_photo)
+    assert 70 < box[2] - box[0] < 130  # the one face, about 100 px wide
+    layout = container.read_layout(io.BytesIO(face_files[True]))
+    (region,) = layout.regions
+    assert region.factor == faces.FACE_STEP_FACTOR
+    coded_width = layout.header.coded[0]
+    assert region.x0 * 8 <= box[0] * coded_width / face_photo.width < box[2] * coded_width / face_photo.width <= \
+        region.x1 * 8
+    assert container.read_layout(io.BytesIO(face_files[False])).regions == ()
+    assert pipeline.encode_image(face_photo, {"bpp": 0.15}) == face_files[True]  # the default with OpenCV
+
+
+def test_the_face_keeps_more_of_itself_at_the_same_rate(face_photo: Image.Image,
+                                                         face_files: dict[bool, bytes]) -> None:
+    """Same bytes within 1%; the face crop gains more than 1 dB, the whole photo loses less than 0.2 dB."""
+    without, with_faces = (np.asarray(pipeline.decode_file(face_files[wanted])) for wanted in (False, True))
+    assert abs(len(face_files[True]) - len(face_files[False])) < 0.01 * len(face_files[False])
+    x0, y0, x1, y1 = faces.face_boxes(face_photo)[0]
+    original = np.asarray(face_photo)
+    face_gain = psnr(original[y0:y1, x0:x1], with_faces[y0:y1, x0:x1]) - psnr(original[y0:y1, x0:x1],
+                                                                              without[y0:y1, x0:x1])
+    whole_loss = psnr(original, without) - psnr(original, with_faces)
+    assert face_gain > 1.0 and whole_loss < 0.2, (face_gain, whole_loss)
