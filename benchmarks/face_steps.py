@@ -2,6 +2,8 @@
 
     PILLOW_SDLATENT_MODELS=../shared/models/taesd python benchmarks/face_steps.py --csv docs/fidelity/faces/choice.csv
 
+(about 25 minutes on two cores)
+
 Training photos with faces outside every held-out split of the fidelity benchmark (BSDS500, sorted index % 40
 not in 0, 10, 20, 30, the first ``--photos`` in which the benchmark's detector finds a face). Each is saved
 at each ``--rates`` target with ``faces=False`` and with ``faces=True`` at each ``--factors`` value of
@@ -56,9 +58,9 @@ def coded(rgb: np.ndarray, rate: float, factor: float | None) -> tuple[int, np.n
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=int, default=12)
-    parser.add_argument("--rates", type=float, nargs="+", default=[0.15])
-    parser.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.4, 0.3])
+    parser.add_argument("--photos", type=int, default=14)
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.15])
+    parser.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.35])
     parser.add_argument("--csv", type=Path, required=True)
     args = parser.parse_args(argv)
     stlpips = STLPIPS()
