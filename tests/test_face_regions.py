@@ -7,6 +7,7 @@ import dataclasses
 import io
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,12 @@ def test_the_face_keeps_more_of_itself_at_the_same_rate(face_photo: Image.Image,
                                                                               without[y0:y1, x0:x1])
     whole_loss = psnr(original, without) - psnr(original, with_faces)
     assert face_gain > 1.0 and whole_loss < 0.2, (face_gain, whole_loss)
+
+
+def test_faces_are_found_alike_from_many_threads(face_photo: Image.Image) -> None:
+    """One shared cascade, detections one at a time: threads find what a serial run finds."""
+    crops = [face_photo.crop((100 + 8 * i, 40 + 4 * i, 400 + 8 * i, 280 + 4 * i)) for i in (0, 1, 5) * 2]
+    serial = [faces.face_boxes(crop) for crop in crops]
+    assert all(len(boxes) == 1 for boxes in serial)
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(faces.face_boxes, crops)) == serial

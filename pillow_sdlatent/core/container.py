@@ -190,6 +190,8 @@ def regions_from_bytes(data: bytes, latent_shape: tuple[int, int, int]) -> tuple
     """QREG's regions; ``DamagedFileError`` when the chunk is malformed or a region leaves the latent."""
     if len(data) < 2 or len(data) != 2 + 20 * struct.unpack(">H", data[:2])[0]:
         raise DamagedFileError("QREG chunk length does not match its region count")
+    if len(data) > 2 + 20 * MAX_REGIONS:
+        raise DamagedFileError(f"QREG holds more than {MAX_REGIONS} regions")
     regions = tuple(Region(*struct.unpack_from(">IIIIf", data, 2 + 20 * i)) for i in range((len(data) - 2) // 20))
     check_regions(regions, latent_shape, DamagedFileError)
     return regions
