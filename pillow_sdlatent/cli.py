@@ -115,6 +115,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         resampled = f"  of the image resized to {header.coded[0]}x{header.coded[1]}" if header.coded_size else ""
         print(f"  latent          {'x'.join(map(str, header.latent_shape))}{resampled}")
         print(f"  quantizer       {header.quantizer} ({len(header.quantizer_params)} bytes of parameters)")
+        if layout.regions:
+            factors = ", ".join(sorted({f"{region.factor:g}" for region in layout.regions}))
+            print(f"  finer regions   {len(layout.regions)} (step x {factors})")
         print(f"  coder           {header.coder}  payload {header.payload_length} bytes")
         print(f"  metadata        {', '.join(sorted(layout.metadata)) or 'none'}{'  + alpha' if layout.alpha else ''}")
         print(f"  bits per pixel  {bits / (header.width * header.height):.4f}")

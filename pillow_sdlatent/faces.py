@@ -1,7 +1,7 @@
 """Faces in an image, so that the encoder codes them with finer steps than the rest (FORMAT.md, QREG).
 
 At low rates an autoencoder redraws a small face with other eyes and mouths; the same bytes spent a little
-more on the face and a little less elsewhere keep the person. Finding faces needs OpenCV
+more on the face and a little less elsewhere keep more of the person. Finding faces needs OpenCV
 (``pip install 'pillow_sdlatent[faces]'``); a reader never does, since the file records the regions.
 """
 
@@ -18,9 +18,9 @@ from PIL import Image
 from .core.container import MAX_REGIONS, Region
 from .once import LoadOnce
 
-#: the step factor inside a face. Chosen on training photos with faces outside every held-out split, at
-#: 0.15 bpp (docs/fidelity/faces): 0.5 gave face crops +1.4 dB for -0.2 dB on the whole photo, 0.3 +1.9 dB
-#: for -0.7 dB.
+#: the step factor inside a face. Chosen on 14 training photos with faces outside every held-out split, at
+#: 0.15 bpp (benchmarks/face_steps.py, docs/fidelity/faces): 0.5 gave the face crops +1.13 dB for -0.21 dB on
+#: the whole photo; 0.35 only +0.44 dB more, for -0.25 dB more.
 FACE_STEP_FACTOR = 0.5
 #: latent positions added around a face box on each side: the decoder's receptive field reaches past the box
 MARGIN = 1

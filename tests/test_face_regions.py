@@ -176,3 +176,16 @@ def test_faces_are_found_alike_from_many_threads(face_photo: Image.Image) -> Non
     assert all(len(boxes) == 1 for boxes in serial)
     with ThreadPoolExecutor(6) as pool:
         assert list(pool.map(faces.face_boxes, crops)) == serial
+
+
+def test_the_command_line_codes_faces_and_shows_them(face_photo: Image.Image, tmp_path: Path, capsys) -> None:
+    from pillow_sdlatent.cli import main
+
+    face_photo.save(tmp_path / "face.png")
+    for flag in ("--faces", "--no-faces"):
+        out = tmp_path / f"{flag.strip('-')}.sdl"
+        assert main(["encode", str(tmp_path / "face.png"), "-o", str(out), "-q", "60", flag]) == 0
+        capsys.readouterr()
+        assert main(["info", str(out)]) == 0
+        shown = capsys.readouterr().out
+        assert ("finer regions   1 (step x 0.5)" in shown) == (flag == "--faces"), shown
