@@ -31,6 +31,11 @@ class DigestMismatchError(OSError):
     """The decoder weights at hand are not the ones the file was written with."""
 
 
+#: ``_EncodeJob.step_without_growth``: the base step is searched up to this multiple of the quality's step, in
+#: this many halvings (to 0.01% of the step)
+GROWTH_BRACKET, GROWTH_SEARCH_STEPS = 4.0, 14
+
+
 @dataclass
 class _EncodeJob:
     """One image on its way to bytes: everything but the latent, which may come from a batch."""
@@ -53,14 +58,17 @@ class _EncodeJob:
         """The file's coded scale as its reader will measure it (``pipeline.coded_scale``)."""
         return scale_of(self.coded_size, self.image.width)
 
+    def quantizer_at(self, step: float, channels: int, regions: tuple[container.Region, ...]) -> quantize.Quantizer:
+        """The encoder's quantizer at base ``step`` with these finer ``regions``."""
+        return replace(quantize.quantizer_for(self.options.model, step, channels, self.detailed), regions=regions)
+
     def stored_as(self, step: float, latent: np.ndarray) -> tuple[quantize.Quantizer, bool]:
         """The quantizer a file of ``latent`` at ``step`` is stored with, and whether that file says not to run
         the restoration: where the one that would run redraws small text (``restore.redraws_text``), fine
         detail turns it off."""
         from .enhance.restore import redraws_text
 
-        quantizer = replace(quantize.quantizer_for(self.options.model, step, latent.shape[0], self.detailed),
-                            regions=self.regions)
+        quantizer = self.quantizer_at(step, latent.shape[0], self.regions)
         redraws = redraws_text(self.options.model, max(quantizer.steps), self.coded_scale)
         return quantizer, redraws and self.fine_detail()
 
@@ -93,6 +101,21 @@ class _EncodeJob:
         )
         return container.serialize(header, payload, self.metadata, self.alpha, quantizer.regions)
 
+    def step_without_growth(self, latent: np.ndarray, step: float) -> float:
+        """For a quality: the base step at which the symbols with the finer regions are about as costly as those
+        without them at ``step``, so that a quality means about the same file size with or without faces (they
+        take their bytes from the rest of the picture, as under a rate target). The cost is the estimate
+        ``sum(log2(1 + 2|symbol|))``, a quantization each, instead of entropy coding each candidate."""
+        def cost(candidate: float, regions: tuple[container.Region, ...]) -> float:
+            symbols = self.quantizer_at(candidate, latent.shape[0], regions).quantize(latent)
+            return float(np.log2(1 + 2 * np.abs(symbols)).sum())
+
+        goal, fine, coarse = cost(step, ()), math.log(step), math.log(step * GROWTH_BRACKET)
+        for _ in range(GROWTH_SEARCH_STEPS):
+            middle = (fine + coarse) / 2
+            fine, coarse = (middle, coarse) if cost(math.exp(middle), self.regions) > goal else (fine, middle)
+        return math.exp(coarse)
+
     def finish(self, latent: np.ndarray) -> bytes:
         """Choose the step (quality or rate control), spend the effort, serialize."""
         options = self.options
@@ -100,6 +123,8 @@ class _EncodeJob:
         if target is None:
             quality_step = rate.step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
             step = rate.step_at_scale(quality_step, self.scale, options.model)
+            if self.regions:
+                step = self.step_without_growth(latent, step)
             stored = self.stored_as(step, latent)
             return self.serialized(self.refined(latent, *stored), *stored)
         data, step = rate.fit_rate(lambda step: self.file_for(latent, step), target)

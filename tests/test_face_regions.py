@@ -189,3 +189,14 @@ def test_the_command_line_codes_faces_and_shows_them(face_photo: Image.Image, tm
         assert main(["info", str(out)]) == 0
         shown = capsys.readouterr().out
         assert ("finer regions   1 (step x 0.5)" in shown) == (flag == "--faces"), shown
+
+
+def test_at_a_quality_the_face_takes_its_bytes_from_the_rest(face_photo: Image.Image) -> None:
+    """A quality means about the same file with or without faces: the base step grows to pay for them (at the
+    default quality, where this photo is coded with taesd3; taesd holds no more of this face at finer steps)."""
+    files = {wanted: pipeline.encode_image(face_photo, {"faces": wanted}) for wanted in (False, True)}
+    assert abs(len(files[True]) / len(files[False]) - 1) < 0.08, {k: len(v) for k, v in files.items()}
+    x0, y0, x1, y1 = faces.face_boxes(face_photo)[0]
+    original = np.asarray(face_photo)[y0:y1, x0:x1]
+    decoded = {wanted: np.asarray(pipeline.decode_file(data))[y0:y1, x0:x1] for wanted, data in files.items()}
+    assert psnr(original, decoded[True]) > psnr(original, decoded[False]) + 0.5
