@@ -6,18 +6,18 @@ from __future__ import annotations
 import dataclasses
 import io
 import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED, psnr
 from PIL import Image
 
 import pillow_sdlatent
 from pillow_sdlatent import faces, pipeline
 from pillow_sdlatent.core import container, quantize, read
+from tests.conftest import SHARED, psnr
+from tests.fuzzing import PREFIX_LENGTH, Chunk, join, split
 
 VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
 #: a training photo with one face (BSDS500 122048, 481x321); its face box as the fidelity benchmark finds it
@@ -96,11 +96,10 @@ def test_a_writer_refuses_regions_a_reader_would(region: container.Region, messa
 
 
 def with_qreg(data: bytes, qreg: bytes, before: bytes = container.PAYLOAD) -> bytes:
-    """``data`` with a QREG chunk of ``qreg`` inserted before its ``before`` chunk (with a valid CRC)."""
-    chunk = struct.pack(">I4s", len(qreg), container.REGIONS) + qreg + struct.pack(
-        ">I", zlib.crc32(container.REGIONS + qreg))
-    at = data.index(before) - 4
-    return data[:at] + chunk + data[at:]
+    """``data`` with a QREG chunk of ``qreg`` (correct CRC) inserted before its ``before`` chunk."""
+    chunks, trailer = split(data)
+    chunks.insert(next(i for i, chunk in enumerate(chunks) if chunk.type == before), Chunk(container.REGIONS, qreg))
+    return join(data[:PREFIX_LENGTH], chunks, trailer)
 
 
 @pytest.mark.parametrize("qreg, before, message", [
