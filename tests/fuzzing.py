@@ -73,6 +73,10 @@ def _metadata() -> dict[str, Any]:
     }
 
 
+#: the test vectors whose files carry QREG regions (the encoder writes them only for faces it finds)
+QREG_VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
+
+
 def make_seeds() -> dict[str, bytes]:
     """Small valid files of every decoded mode, with and without metadata, in every coder (a few KB in all)."""
     specs: list[tuple[str, Image.Image, dict[str, Any]]] = []
@@ -100,6 +104,8 @@ def make_seeds() -> dict[str, bytes]:
         buffer = io.BytesIO()
         image.save(buffer, format="SDL", **options)
         seeds[name] = buffer.getvalue()
+    for vector in sorted(QREG_VECTORS.glob("*_qreg.sdl")):  # files with finer regions (QREG)
+        seeds[vector.stem] = vector.read_bytes()
     return seeds
 
 

@@ -20,7 +20,7 @@ from tests.conftest import SHARED, psnr
 from tests.fuzzing import PREFIX_LENGTH, Chunk, join, split
 
 VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
-#: a training photo with one face (BSDS500 122048, 481x321); its face box as the fidelity benchmark finds it
+#: a training photo with one face, about 80 px wide (BSDS500 122048, 481x321)
 FACE_PHOTO = SHARED / "data" / "train" / "BSDS500" / "122048.jpg"
 OVERLAPPING = (container.Region(1, 1, 5, 4, 0.5), container.Region(3, 2, 8, 6, 0.25))
 
