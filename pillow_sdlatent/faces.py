@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .core.container import MAX_REGIONS, Region
+from .core.container import LATENT_FACTOR, MAX_REGIONS, Region, latent_size
 from .once import LoadOnce
 
 #: the step factor inside a face. Chosen on 14 training photos with faces outside every held-out split, at
@@ -64,10 +64,10 @@ def face_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
 
 
 def face_regions(boxes: list[tuple[int, int, int, int]], size: tuple[int, int],
-                 coded: tuple[int, int], latent_hw: tuple[int, int]) -> tuple[Region, ...]:
+                 coded: tuple[int, int]) -> tuple[Region, ...]:
     """The latent rectangles (with MARGIN) that cover pixel ``boxes`` of an image of ``size`` coded at ``coded``."""
-    sx, sy = coded[0] / size[0] / 8, coded[1] / size[1] / 8
-    height, width = latent_hw
+    sx, sy = coded[0] / size[0] / LATENT_FACTOR, coded[1] / size[1] / LATENT_FACTOR
+    width, height = latent_size(*coded)
     factor = float(np.float32(FACE_STEP_FACTOR))  # as QREG stores it
     return tuple(Region(max(0, math.floor(x0 * sx) - MARGIN), max(0, math.floor(y0 * sy) - MARGIN),
                         min(width, math.ceil(x1 * sx) + MARGIN), min(height, math.ceil(y1 * sy) + MARGIN),

@@ -176,9 +176,7 @@ def _prepare(image: Image.Image, info: dict[str, Any] | None) -> _EncodeJob:
     coded = rate.scaled_size(width, height, rate.scale_for_rate(options, width, height, detail))
     regions: tuple[container.Region, ...] = ()
     if options.faces:
-        coded_width, coded_height = coded or (width, height)
-        regions = faces.face_regions(faces.face_boxes(work), (width, height), (coded_width, coded_height),
-                                     container.latent_size(coded_width, coded_height)[::-1])
+        regions = faces.face_regions(faces.face_boxes(work), (width, height), coded or (width, height))
     scale = 1.0
     if coded is not None:  # the scale rounding left, for the step
         scale = math.sqrt(coded[0] * coded[1] / (width * height))
