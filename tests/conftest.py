@@ -14,6 +14,8 @@ import pillow_sdlatent  # noqa: F401  (registers the format)
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 KODAK = SHARED / "data" / "kodak"
+#: the format's test vectors (FORMAT.md, "Test vectors")
+VECTORS = REPO / "fixtures" / "vectors"
 
 os.environ.setdefault("PILLOW_SDLATENT_MODELS", str(SHARED / "models" / "taesd"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -73,7 +73,8 @@ def _metadata() -> dict[str, Any]:
     }
 
 
-#: the test vectors whose files carry QREG regions (the encoder writes them only for faces it finds)
+#: the test vectors, some of whose files carry QREG regions (the encoder writes them only for faces it finds);
+#: its own path, not conftest's VECTORS: benchmarks/fuzz.py imports this module without pytest
 QREG_VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
 
 

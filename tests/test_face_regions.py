@@ -16,10 +16,9 @@ from PIL import Image
 import pillow_sdlatent
 from pillow_sdlatent import faces, pipeline
 from pillow_sdlatent.core import container, quantize, read
-from tests.conftest import SHARED, psnr
+from tests.conftest import SHARED, VECTORS, psnr
 from tests.fuzzing import PREFIX_LENGTH, Chunk, join, split
 
-VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
 #: a training photo with one face, about 80 px wide (BSDS500 122048, 481x321)
 FACE_PHOTO = SHARED / "data" / "train" / "BSDS500" / "122048.jpg"
 OVERLAPPING = (container.Region(1, 1, 5, 4, 0.5), container.Region(3, 2, 8, 6, 0.25))

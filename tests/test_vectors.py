@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ from PIL import Image
 
 import pillow_sdlatent
 from pillow_sdlatent.core import container, read
+from tests.conftest import VECTORS
 
-VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
 NAMES = sorted(path.stem for path in VECTORS.glob("*.sdl"))
 #: name -> (version, model, coder, mode, latent shape)
 EXPECTED = {
