@@ -389,7 +389,8 @@ def clean_latent(latent: np.ndarray, layout: Layout, decoder: Any, options: Deco
         from .enhance import restore as restorer
 
         if restorer.restores_latent(decoder.spec.name, step, coded_scale(layout.header)):
-            return restorer.restore_latent(latent, step, decoder.spec.name)
+            steps = restorer.restorer_steps(step, layout.regions, *latent.shape[1:])
+            return restorer.restore_latent(latent, steps, decoder.spec.name)
     return latent
 
 

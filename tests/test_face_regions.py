@@ -198,3 +198,24 @@ def test_at_a_quality_the_face_takes_its_bytes_from_the_rest(face_photo: Image.I
     original = np.asarray(face_photo)[y0:y1, x0:x1]
     decoded = {wanted: np.asarray(pipeline.decode_file(data))[y0:y1, x0:x1] for wanted, data in files.items()}
     assert psnr(original, decoded[True]) > psnr(original, decoded[False]) + 0.5
+
+
+def test_the_latent_restorer_restores_a_face_at_its_own_step(face_photo: Image.Image,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """At quality 20 (taesd, base step about 1.0, where the latent restorer runs) the face's finer step reaches
+    the restorer as a plane: the face crop decodes 0.64 dB closer than restored at the base step everywhere,
+    and the whole photo no worse (measured: 17.02 against 16.38 dB, whole 20.49 against 20.45)."""
+    from pillow_sdlatent.enhance import restore
+
+    data = pipeline.encode_image(face_photo, {"quality": 20})
+    layout = container.read_layout(io.BytesIO(data))
+    step = max(read.file_quantizer(layout.header).steps)
+    assert layout.regions and restore.restores_latent(layout.header.model, step, pipeline.coded_scale(layout.header))
+    x0, y0, x1, y1 = faces.face_boxes(face_photo)[0]
+    original = np.asarray(face_photo)
+    own_steps = np.asarray(pipeline.decode_file(data))
+    monkeypatch.setattr(restore, "restorer_steps", lambda step, *_: step)
+    base_step = np.asarray(pipeline.decode_file(data))
+    face_gain = psnr(original[y0:y1, x0:x1], own_steps[y0:y1, x0:x1]) - psnr(original[y0:y1, x0:x1],
+                                                                            base_step[y0:y1, x0:x1])
+    assert face_gain > 0.4 and psnr(original, own_steps) >= psnr(original, base_step) - 0.01, face_gain

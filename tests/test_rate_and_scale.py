@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pillow_sdlatent import models, pipeline, rate
+from pillow_sdlatent.core import container
 from pillow_sdlatent.models import tiling, weights
 from tests.conftest import psnr
 
@@ -80,7 +81,8 @@ def test_effort_adds_a_given_distance_to_its_objective(photo: Image.Image) -> No
 
 
 def test_effort_runs_the_restorer_on_the_model_device() -> None:
-    """Effort optimises through the restorer and decoder on the model's device, wherever that is.
+    """Effort optimises through the restorer (given a step per position) and decoder on the model's device,
+    wherever that is.
 
     The meta device runs the same graph without data, so this checks on any machine what a GPU run
     would: no tensor of the pipeline stays behind on the CPU.
@@ -92,7 +94,8 @@ def test_effort_runs_the_restorer_on_the_model_device() -> None:
     model = models.load_model("taesd", device="meta", runtime="torch")
     step = 1.0
     assert restore.has_restorer("taesd", step)
-    decoded = effort._pipeline(model, step, restored=True)(torch.zeros(1, 4, 8, 8, device="meta"))
+    steps = restore.restorer_steps(step, (container.Region(1, 1, 4, 4, 0.5),), 8, 8)  # a face's finer step too
+    decoded = effort._pipeline(model, step, steps, restored=True)(torch.zeros(1, 4, 8, 8, device="meta"))
     assert decoded.device.type == "meta" and decoded.shape == (1, 3, 64, 64)
     assert next(restore.restorer_net("taesd").parameters()).device.type == "cpu"  # the shared one stays
 
@@ -108,8 +111,8 @@ def test_effort_optimises_through_the_decode_the_file_will_get() -> None:
     latent = torch.from_numpy(np.random.default_rng(0).normal(0, 1, (1, 4, 8, 8)).astype(np.float32))
     with torch.no_grad():
         plain = effort._decoder_fn(model)(latent)
-        unrestored = effort._pipeline(model, 1.0, restored=False)(latent)
-        restored = effort._pipeline(model, 1.0, restored=True)(latent)
+        unrestored = effort._pipeline(model, 1.0, 1.0, restored=False)(latent)
+        restored = effort._pipeline(model, 1.0, 1.0, restored=True)(latent)
     assert torch.equal(unrestored, plain)
     assert float((restored - plain).abs().mean()) > 0.01
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pillow_sdlatent.core import quantize
+from pillow_sdlatent.core import container, quantize
 from pillow_sdlatent.enhance import restore
 from pillow_sdlatent.models import load_model
 from tests.conftest import SHARED, psnr
@@ -70,6 +70,28 @@ def test_bad_arguments() -> None:
         restore.restore_latent(np.zeros((16, 8, 8), np.float32), 0.5, "taesd")
     with pytest.raises(ValueError, match="no restorer"):
         restore.restore_latent(np.zeros((16, 8, 8), np.float32), 0.5, "taesd3")
+    with pytest.raises(ValueError, match="step plane of shape"):
+        restore.restore_latent(latent, np.full((8, 7), 0.5), "taesd")
+    for plane in (np.zeros((8, 8)), np.full((8, 8), np.nan)):
+        with pytest.raises(ValueError, match="step"):
+            restore.restore_latent(latent, plane, "taesd")
+
+
+def test_each_position_is_restored_at_its_own_step() -> None:
+    """A plane of one value is that step; inside a region with a finer step (QREG) the restored latent is the
+    one restored at that step, outside it the one at the base step, apart from a seam of a few cells."""
+    rng = np.random.default_rng(2)
+    latent = (np.rint(rng.normal(0, 0.7, (4, 40, 40)) / 0.5) * 0.5).astype(np.float32)
+    at_base, at_half = (restore.restore_latent(latent, step, "taesd") for step in (1.0, 0.5))
+    assert restore.restorer_steps(1.0, (), 40, 40) == 1.0
+    np.testing.assert_allclose(restore.restore_latent(latent, np.full((40, 40), 1.0), "taesd"), at_base, atol=1e-6)
+    steps = restore.restorer_steps(1.0, (container.Region(10, 10, 30, 30, 0.5),), 40, 40)
+    assert steps.dtype == np.float32 and steps[20, 20] == 0.5 and steps[5, 5] == 1.0
+    mixed = restore.restore_latent(latent, steps, "taesd")
+    inner, outer = (slice(16, 24), slice(16, 24)), (slice(0, 4), slice(0, 4))
+    assert np.abs(mixed[:, inner[0], inner[1]] - at_half[:, inner[0], inner[1]]).max() < 0.02
+    assert np.abs(mixed[:, outer[0], outer[1]] - at_base[:, outer[0], outer[1]]).max() < 0.02
+    assert np.abs(at_half - at_base).max() > 0.2  # the two steps restore differently
 
 
 @pytest.mark.parametrize("name", HELD_OUT)

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pillow_sdlatent import models, pipeline
+from pillow_sdlatent.core import container
 from pillow_sdlatent.enhance import restore
 from pillow_sdlatent.models import WeightsNotFoundError, load_model, onnx_graphs, weights
 from tests.conftest import KODAK, REPO, SHARED, psnr
@@ -57,10 +58,13 @@ def test_onnx_from_safetensors_matches_torch(name: str, kodak_crop: np.ndarray) 
     assert np.abs(pixels.astype(int) - reference).max() <= 1 and np.mean(pixels != reference) < 1e-3
 
 
-def test_restorer_through_onnx_matches_torch() -> None:
+@pytest.mark.parametrize("finer", [False, True], ids=["one step", "step per position"])
+def test_restorer_through_onnx_matches_torch(finer: bool) -> None:
     latent = (np.rint(np.random.default_rng(1).normal(0, 0.7, (4, 15, 22)) / 0.8) * 0.8).astype(np.float32)
-    by_onnx = restore.restore_latent(latent, 0.8, "taesd")
-    by_torch = restore._restore_with_torch(latent, 0.8, "taesd")
+    regions = (container.Region(3, 2, 12, 9, 0.5),) if finer else ()
+    steps = restore.restorer_steps(0.8, regions, 15, 22)
+    by_onnx = restore.restore_latent(latent, steps, "taesd")
+    by_torch = restore._restore_with_torch(latent, restore._step_plane(steps, latent), "taesd")
     assert np.abs(by_onnx - by_torch).max() < 1e-4 and np.abs(by_onnx - latent).max() > 0.01
 
 

@@ -38,14 +38,17 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
         return latent
     import torch
 
+    from . import restore
+
     device = model.device  # type: ignore[attr-defined]
     target = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device).float() / 127.5 - 1
     z = torch.from_numpy(np.ascontiguousarray(latent))[None].to(device).float().requires_grad_(True)
     start = z.detach().clone()
     round_st = _straight_through(step)
+    regions = () if isinstance(step, (int, float)) else step.regions
     step = step if isinstance(step, (int, float)) else max(step.steps)  # the decoder's restorer gate
     optimizer = torch.optim.Adam([z], lr=0.1 * step)
-    decode = _pipeline(model, step, restored)
+    decode = _pipeline(model, step, restore.restorer_steps(step, regions, *latent.shape[1:]), restored)
     best, best_loss, first = start, float("inf"), None
     for _ in range(iterations):
         quantized = round_st(z)
@@ -81,11 +84,13 @@ def _straight_through(step: float | Any) -> Callable[[Any], Any]:
     return lambda z: z + (stored(z) - z).detach()
 
 
-def _pipeline(model: object, step: float, restored: bool):
+def _pipeline(model: object, step: float, steps: float | np.ndarray, restored: bool):
     """What the decoder side will run on the dequantized latent: the restorer where it is on by
-    default at this step (and ``restored``), then the decoder; optimising against the decoder alone
-    made effort worse than none at those steps (the restorer then corrects errors the refinement
-    already fixed), and optimising through a restorer the reader skips made small text worse."""
+    default at the file's base ``step`` (and ``restored``), given ``steps`` (``restore.restorer_steps``:
+    that step, or a plane of each position's), then the decoder; optimising
+    against the decoder alone made effort worse than none at those steps (the restorer then corrects
+    errors the refinement already fixed), and optimising through a restorer the reader skips made small
+    text worse."""
     import torch
 
     from . import restore
@@ -98,7 +103,8 @@ def _pipeline(model: object, step: float, restored: bool):
     net = restore.restorer_net(name)  # shared, on the CPU: a copy goes to the model's device
     if next(net.parameters()).device != device:
         net = copy.deepcopy(net).to(device)
-    level = torch.full((1, 1, 1, 1), float(step), device=device)
+    plane = np.asarray(steps, np.float32)
+    level = torch.from_numpy(plane.reshape(1, 1, *(plane.shape or (1, 1)))).to(device)
     return lambda z: decode(net(z, level))
 
 

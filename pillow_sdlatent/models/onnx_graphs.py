@@ -369,7 +369,8 @@ def taesd_decoder_int8(weights: Mapping[str, np.ndarray], ranges: Ranges) -> byt
 
 
 def restorer(weights: Mapping[str, np.ndarray]) -> bytes:
-    """``restore.RestorerNet.forward(latent, step)``: inputs ``latent`` (N, C, H, W) and ``step`` (N, 1, 1, 1)."""
+    """``restore.RestorerNet.forward(latent, step)``: inputs ``latent`` (N, C, H, W) and ``step`` (N, 1, 1, 1), or
+    (N, 1, H, W) for a step per position (``restore.restorer_steps``)."""
     graph = GraphBuilder()
 
     def res_block(x: str, prefix: str) -> str:
@@ -394,5 +395,5 @@ def restorer(weights: Mapping[str, np.ndarray]) -> bytes:
     x = res_block(graph.node("Relu", [graph.node("Add", [skip, y])]), "dec")
     correction = graph.node("Mul", ["step", graph.conv(graph.node("Relu", [x]), weights, "tail")])
     channels = weights["tail.weight"].shape[0]
-    return graph.model({"latent": _dims(channels), "step": ("batch", 1, 1, 1)},
+    return graph.model({"latent": _dims(channels), "step": _dims(1, "step_")},
                        graph.node("Add", ["latent", correction]), _dims(channels))
