@@ -64,7 +64,7 @@ def test_restorer_through_onnx_matches_torch(finer: bool) -> None:
     regions = (container.Region(3, 2, 12, 9, 0.5),) if finer else ()
     steps = restore.restorer_steps(0.8, regions, 15, 22)
     by_onnx = restore.restore_latent(latent, steps, "taesd")
-    by_torch = restore._restore_with_torch(latent, restore._step_plane(steps, latent), "taesd")
+    by_torch = restore._restore_with_torch(latent, restore.step_input(steps), "taesd")
     assert np.abs(by_onnx - by_torch).max() < 1e-4 and np.abs(by_onnx - latent).max() > 0.01
 
 

@@ -85,12 +85,11 @@ def _straight_through(step: float | Any) -> Callable[[Any], Any]:
 
 
 def _pipeline(model: object, step: float, steps: float | np.ndarray, restored: bool):
-    """What the decoder side will run on the dequantized latent: the restorer where it is on by
-    default at the file's base ``step`` (and ``restored``), given ``steps`` (``restore.restorer_steps``:
-    that step, or a plane of each position's), then the decoder; optimising
-    against the decoder alone made effort worse than none at those steps (the restorer then corrects
-    errors the refinement already fixed), and optimising through a restorer the reader skips made small
-    text worse."""
+    """What the decoder side will run on the dequantized latent: the restorer where it is on by default at
+    the file's base ``step`` (and ``restored``), given ``steps`` (``restore.restorer_steps``: that step, or
+    a plane of each position's), then the decoder; optimising against the decoder alone made effort worse
+    than none at those steps (the restorer then corrects errors the refinement already fixed), and
+    optimising through a restorer the reader skips made small text worse."""
     import torch
 
     from . import restore
@@ -103,8 +102,7 @@ def _pipeline(model: object, step: float, steps: float | np.ndarray, restored: b
     net = restore.restorer_net(name)  # shared, on the CPU: a copy goes to the model's device
     if next(net.parameters()).device != device:
         net = copy.deepcopy(net).to(device)
-    plane = np.asarray(steps, np.float32)
-    level = torch.from_numpy(plane.reshape(1, 1, *(plane.shape or (1, 1)))).to(device)
+    level = torch.from_numpy(restore.step_input(steps)).to(device)
     return lambda z: decode(net(z, level))
 
 

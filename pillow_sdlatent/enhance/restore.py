@@ -226,8 +226,8 @@ def restorer_steps(step: float, regions: tuple[Region, ...], height: int, width:
     """The restorer's step input for a file of base ``step``: that step, or where its ``QREG`` regions code
     finer, an (H, W) float32 plane of each position's step. The network takes its step as a plane (as FFDNet
     takes its noise level), so a face coded at half the step is restored as such, not over-smoothed at the
-    base step: on 6 training photos with faces at 0.1 bpp, face crops +0.19 dB and every whole-photo metric
-    better (docs/fidelity/faces/README.md, "Restored at their own step")."""
+    base step: on the 6 training photos with faces where it runs at 0.1 bpp, face crops +0.17 dB, the whole
+    photos level or better (docs/fidelity/faces/README.md, "Restored at their own step")."""
     factors = quantize.step_factors(regions, height, width)
     return step if factors is None else (step * factors).astype(np.float32)
 
@@ -241,7 +241,9 @@ def restore_latent(latent: np.ndarray, step: float | np.ndarray, model_name: str
     """
     from ..models import ort_engine
 
-    plane = _step_plane(step, latent)
+    plane = step_input(step)
+    if plane.shape[2:] not in ((1, 1), latent.shape[1:]):
+        raise ValueError(f"step plane of shape {plane.shape[2:]} for a latent of shape {latent.shape}")
     if not ort_engine.available():
         return _restore_with_torch(latent, plane, model_name)
     network, channels = _onnx_restorer(model_name)
@@ -250,11 +252,10 @@ def restore_latent(latent: np.ndarray, step: float | np.ndarray, model_name: str
     return network(latent=latent[None], step=plane)[0]
 
 
-def _step_plane(step: float | np.ndarray, latent: np.ndarray) -> np.ndarray:
-    """``step`` as the network's (1, 1, 1, 1) or (1, 1, H, W) float32 input, checked."""
-    if isinstance(step, np.ndarray):
-        if step.shape != latent.shape[1:]:
-            raise ValueError(f"step plane of shape {step.shape} for a latent of shape {latent.shape}")
+def step_input(step: float | np.ndarray) -> np.ndarray:
+    """``step`` (one step, or an (H, W) plane of them) as the network's (1, 1, 1, 1) or (1, 1, H, W) float32
+    input; ``ValueError`` unless every step is a positive finite number."""
+    if isinstance(step, np.ndarray) and step.ndim == 2:
         plane = step.astype(np.float32)[None, None]
     elif isinstance(step, (int, float, np.floating)):
         plane = np.full((1, 1, 1, 1), step, np.float32)
