@@ -84,6 +84,11 @@ def face_boxes(image: Image.Image) -> list[Box]:
     return boxes
 
 
+def rgb_of(path: Path) -> np.ndarray:
+    with Image.open(path) as opened:
+        return np.asarray(opened.convert("RGB"))
+
+
 def decoded(data: bytes) -> np.ndarray:
     return np.asarray(pipeline.decode_file(data).convert("RGB"))
 
@@ -97,16 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     stlpips = STLPIPS()
     rows = []
-    photos = [(path.stem, path, []) for index, path in enumerate(image_paths(TRAIN, None))
+    photos = [(path.stem, rgb_of(path), []) for index, path in enumerate(image_paths(TRAIN, None))
               if index % HELD_OUT_PERIOD == CHOICE_INDEX][:args.photos]
-    photos += choice_photos(args.face_photos)
-    for name, source, scored_faces in photos:
-        if isinstance(source, Path):
-            with Image.open(source) as opened:
-                image = opened.convert("RGB")
-        else:  # a face photo comes as its RGB array
-            image = Image.fromarray(source)
-        original = np.asarray(image)
+    photos += choice_photos(args.face_photos)  # (name, RGB, the fidelity benchmark's face boxes), as above
+    for name, original, scored_faces in photos:
+        image = Image.fromarray(original)
         metrics = ReferenceMetrics(stlpips, original)
         boxes = {"whole": [(0, 0, image.width, image.height)], "faces": face_boxes(image)}
         for rate in args.rates:
