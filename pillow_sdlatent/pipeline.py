@@ -74,16 +74,18 @@ class _EncodeJob:
 
     def refined(self, latent: np.ndarray, quantizer: quantize.Quantizer, no_restoration: bool) -> np.ndarray:
         """The effort's latent for the file ``stored_as`` describes, optimised through what the reader will run
-        on it: the latent restorer where it runs, and the restoring decoder where one serves the file."""
-        if not self.options.effort:  # the encoder's latent, without reading the restoring decoder for nothing
-            return latent
+        on it: the latent restorer where it runs, and the restoring decoder where one serves the file. At effort 0
+        only the faces' latents are refined (``effort.refine_regions``), where there are faces and torch."""
+        if not self.options.effort and not (quantizer.regions and effort.available()):
+            return latent  # the encoder's latent, without reading the restoring decoder for nothing
         from .enhance.restore import restores_latent, restoring_decoder
 
         largest = max(quantizer.steps)
         model = self.model if no_restoration else restoring_decoder(self.model, largest, self.coded_scale)
-        return effort.refine_latent(model, latent, self.rgb, quantizer, self.options.effort,
-                                    restored=not no_restoration and restores_latent(self.options.model, largest,
-                                                                                    self.coded_scale))
+        restored = not no_restoration and restores_latent(self.options.model, largest, self.coded_scale)
+        if not self.options.effort:
+            return effort.refine_regions(model, latent, self.rgb, quantizer, restored=restored)
+        return effort.refine_latent(model, latent, self.rgb, quantizer, self.options.effort, restored=restored)
 
     def file_for(self, latent: np.ndarray, step: float) -> bytes:
         return self.serialized(latent, *self.stored_as(step, latent))
@@ -101,19 +103,21 @@ class _EncodeJob:
         )
         return container.serialize(header, payload, self.metadata, self.alpha, quantizer.regions)
 
-    def step_without_growth(self, latent: np.ndarray, step: float) -> float:
-        """For a quality: the base step at which the symbols with the finer regions are about as costly as those
-        without them at ``step``, so that a quality means about the same file size with or without faces (they
-        take their bytes from the rest of the picture, as under a rate target). The cost is the estimate
+    def step_without_growth(self, latent: np.ndarray, step: float, stored: np.ndarray | None = None) -> float:
+        """For a quality: the base step at which the symbols of ``stored`` (default ``latent``; the refined latent
+        once its faces are refined) with the finer regions are about as costly as those of ``latent`` without them
+        at ``step``, so that a quality means about the same file size with or without faces (they take their bytes
+        from the rest of the picture, as under a rate target). The cost is the estimate
         ``sum(log2(1 + 2|symbol|))``, a quantization each, instead of entropy coding each candidate."""
-        def cost(candidate: float, regions: tuple[container.Region, ...]) -> float:
-            symbols = self.quantizer_at(candidate, latent.shape[0], regions).quantize(latent)
+        def cost(values: np.ndarray, candidate: float, regions: tuple[container.Region, ...]) -> float:
+            symbols = self.quantizer_at(candidate, values.shape[0], regions).quantize(values)
             return float(np.log2(1 + 2 * np.abs(symbols)).sum())
 
-        goal, fine, coarse = cost(step, ()), math.log(step), math.log(step * GROWTH_BRACKET)
+        stored = latent if stored is None else stored
+        goal, fine, coarse = cost(latent, step, ()), math.log(step), math.log(step * GROWTH_BRACKET)
         for _ in range(GROWTH_SEARCH_STEPS):
             middle = (fine + coarse) / 2
-            fine, coarse = (middle, coarse) if cost(math.exp(middle), self.regions) > goal else (fine, middle)
+            fine, coarse = (middle, coarse) if cost(stored, math.exp(middle), self.regions) > goal else (fine, middle)
         return math.exp(coarse)
 
     def finish(self, latent: np.ndarray) -> bytes:
@@ -123,14 +127,18 @@ class _EncodeJob:
         if target is None:
             quality_step = rate.step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
             step = rate.step_at_scale(quality_step, self.scale, options.model)
-            if self.regions:
-                step = self.step_without_growth(latent, step)
-            stored = self.stored_as(step, latent)
-            return self.serialized(self.refined(latent, *stored), *stored)
+            if not self.regions:
+                stored = self.stored_as(step, latent)
+                return self.serialized(self.refined(latent, *stored), *stored)
+            base = self.step_without_growth(latent, step)
+            refined = self.refined(latent, *self.stored_as(base, latent))
+            if refined is not latent:  # refined faces cost more symbols: the rest pays for them too
+                base = self.step_without_growth(latent, step, refined)
+            return self.serialized(refined, *self.stored_as(base, refined))
         data, step = rate.fit_rate(lambda step: self.file_for(latent, step), target)
-        if options.effort:
-            latent = self.refined(latent, *self.stored_as(step, latent))
-            data, _ = rate.fit_rate(lambda step: self.file_for(latent, step), target)
+        refined = self.refined(latent, *self.stored_as(step, latent))
+        if refined is not latent:
+            data, _ = rate.fit_rate(lambda step: self.file_for(refined, step), target, guess=step)
         return data
 
 

@@ -321,15 +321,20 @@ RATE_STEPS = (0.01, 16.0)
 RATE_TOLERANCE = 0.03
 
 
-def fit_rate(file_for: Callable[[float], bytes], target: int) -> tuple[bytes, float]:
+def fit_rate(file_for: Callable[[float], bytes], target: int, guess: float | None = None) -> tuple[bytes, float]:
     """The file whose size is within 3% under ``target`` bytes, and its step.
 
     Size falls off roughly as a power of the step, so the search is regula falsi on log(size)
     against log(step) (Illinois variant, which keeps both ends of the bracket moving), aiming at
-    the middle of the window.
+    the middle of the window. A ``guess`` (the step that fitted a latent before refinement) is tried
+    first and kept if it fits: a refined latent costs about what the encoder's did.
     Never returns a file over ``target``; ``ValueError`` when even the coarsest
     step does not fit (the header and metadata alone may be too big).
     """
+    if guess is not None:
+        data = file_for(guess)
+        if (1 - RATE_TOLERANCE) * target <= len(data) <= target:
+            return data, guess
     fine, coarse = np.log(RATE_STEPS[0]), np.log(RATE_STEPS[1])  # fine step: big file; coarse: small
     best = file_for(float(np.exp(coarse)))
     if len(best) > target:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import pillow_sdlatent
-from pillow_sdlatent import faces, pipeline
+from pillow_sdlatent import faces, pipeline, rate
 from pillow_sdlatent.core import container, quantize, read
 from tests.conftest import SHARED, VECTORS, psnr
 from tests.fuzzing import PREFIX_LENGTH, Chunk, join, split
@@ -156,9 +156,11 @@ def test_a_face_is_found_and_recorded(face_photo: Image.Image, face_files: dict[
 
 def test_the_face_keeps_more_of_itself_at_the_same_rate(face_photo: Image.Image,
                                                          face_files: dict[bool, bytes]) -> None:
-    """Same bytes within 1%; the face crop gains more than 1 dB, the whole photo loses less than 0.2 dB."""
+    """The same bytes (both in rate control's window); the face crop gains more than 1 dB, the whole photo loses
+    less than 0.2 dB."""
     without, with_faces = (np.asarray(pipeline.decode_file(face_files[wanted])) for wanted in (False, True))
-    assert abs(len(face_files[True]) - len(face_files[False])) < 0.01 * len(face_files[False])
+    target = int(0.15 * face_photo.width * face_photo.height / 8)
+    assert all((1 - rate.RATE_TOLERANCE) * target <= len(data) <= target for data in face_files.values())
     x0, y0, x1, y1 = faces.face_boxes(face_photo)[0]
     original = np.asarray(face_photo)
     face_gain = psnr(original[y0:y1, x0:x1], with_faces[y0:y1, x0:x1]) - psnr(original[y0:y1, x0:x1],
@@ -204,9 +206,11 @@ def test_the_latent_restorer_restores_a_face_at_its_own_step(face_photo: Image.I
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """At quality 20 (taesd, base step about 1.0, where the latent restorer runs) the face's finer step reaches
     the restorer as a plane: the face crop decodes 0.64 dB closer than restored at the base step everywhere,
-    and the whole photo no worse (measured: 17.02 against 16.38 dB, whole 20.49 against 20.45)."""
-    from pillow_sdlatent.enhance import restore
+    and the whole photo no worse (measured: 17.02 against 16.38 dB, whole 20.49 against 20.45). The encoder's
+    latent, not refined for one of the two decodes."""
+    from pillow_sdlatent.enhance import effort, restore
 
+    monkeypatch.setattr(effort, "available", lambda: False)
     data = pipeline.encode_image(face_photo, {"quality": 20})
     layout = container.read_layout(io.BytesIO(data))
     step = max(read.file_quantizer(layout.header).steps)
@@ -219,3 +223,52 @@ def test_the_latent_restorer_restores_a_face_at_its_own_step(face_photo: Image.I
     face_gain = psnr(original[y0:y1, x0:x1], own_steps[y0:y1, x0:x1]) - psnr(original[y0:y1, x0:x1],
                                                                             base_step[y0:y1, x0:x1])
     assert face_gain > 0.4 and psnr(original, own_steps) >= psnr(original, base_step) - 0.01, face_gain
+
+
+def test_the_face_is_refined_for_its_quantized_version(face_photo: Image.Image, face_files: dict[bool, bytes],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """At effort 0 the face's latent is refined for the decode its file gets (``effort.refine_regions``): in the
+    same bytes the face crop decodes closer and the whole photo no worse (measured at 0.15 bpp: face +0.54 dB,
+    whole +0.06 dB). Without torch the encoder keeps its latent."""
+    from pillow_sdlatent.enhance import effort
+
+    monkeypatch.setattr(effort, "available", lambda: False)
+    unrefined = pipeline.encode_image(face_photo, {"bpp": 0.15})
+    target = int(0.15 * face_photo.width * face_photo.height / 8)
+    assert (1 - rate.RATE_TOLERANCE) * target <= len(unrefined) <= target
+    x0, y0, x1, y1 = faces.face_boxes(face_photo)[0]
+    original = np.asarray(face_photo)
+    refined, plain = (np.asarray(pipeline.decode_file(data)) for data in (face_files[True], unrefined))
+    face_gain = psnr(original[y0:y1, x0:x1], refined[y0:y1, x0:x1]) - psnr(original[y0:y1, x0:x1],
+                                                                          plain[y0:y1, x0:x1])
+    assert face_gain > 0.3 and psnr(original, refined) > psnr(original, plain), face_gain
+
+
+def test_only_the_regions_latents_are_refined(face_photo: Image.Image) -> None:
+    """``refine_regions`` moves the positions inside the regions and no other, and brings each region's pixels
+    closer to the original, through the latent restorer too (taesd at step 1.0, a face at half of it)."""
+    from pillow_sdlatent.enhance import effort, restore
+    from pillow_sdlatent.models import load_model
+
+    model = load_model("taesd")
+    rgb = pipeline.padded_rgb(face_photo)
+    latent = model.encode_image(rgb)
+    regions = (container.Region(20, 8, 32, 22, 0.5), container.Region(40, 10, 46, 16, 0.5))
+    quantizer = quantize.UniformQuantizer.with_step(1.0, 4)
+    quantizer = dataclasses.replace(quantizer, regions=regions)
+    assert restore.restores_latent("taesd", 1.0, 1.0)
+    refined = effort.refine_regions(model, latent, rgb, quantizer)
+    inside = np.zeros(latent.shape[1:], dtype=bool)
+    for region in regions:
+        inside[region.y0:region.y1, region.x0:region.x1] = True
+    assert np.array_equal(refined[:, ~inside], latent[:, ~inside]) and not np.array_equal(refined, latent)
+
+    def decoded(values: np.ndarray) -> np.ndarray:
+        stored = quantizer.dequantize(quantizer.quantize(values))
+        steps = restore.restorer_steps(1.0, regions, *latent.shape[1:])
+        return model.decode_image(restore.restore_latent(stored, steps, "taesd"))
+
+    before, after = decoded(latent), decoded(refined)
+    for region in regions:
+        pixels = (slice(8 * region.y0, 8 * region.y1), slice(8 * region.x0, 8 * region.x1))
+        assert psnr(rgb[pixels], after[pixels]) > psnr(rgb[pixels], before[pixels]) + 0.3
