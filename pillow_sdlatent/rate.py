@@ -321,20 +321,30 @@ RATE_STEPS = (0.01, 16.0)
 RATE_TOLERANCE = 0.03
 
 
+#: a ``fit_rate`` guess that misses is bracketed with a step this factor coarser or finer: a refined latent's file at
+#: the guess is within a few percent of the target, about a third of the size change that factor makes
+GUESS_SPAN = 1.1
+
+
 def fit_rate(file_for: Callable[[float], bytes], target: int, guess: float | None = None) -> tuple[bytes, float]:
     """The file whose size is within 3% under ``target`` bytes, and its step.
 
     Size falls off roughly as a power of the step, so the search is regula falsi on log(size)
     against log(step) (Illinois variant, which keeps both ends of the bracket moving), aiming at
     the middle of the window. A ``guess`` (the step that fitted a latent before refinement) is tried
-    first and kept if it fits: a refined latent costs about what the encoder's did.
+    first; where it misses, the search starts from it and a step ``GUESS_SPAN`` beyond it if those two
+    bracket the target, else from the ends of ``RATE_STEPS``.
     Never returns a file over ``target``; ``ValueError`` when even the coarsest
     step does not fit (the header and metadata alone may be too big).
     """
     if guess is not None:
-        data = file_for(guess)
-        if (1 - RATE_TOLERANCE) * target <= len(data) <= target:
-            return data, guess
+        near = file_for(guess)
+        if _fits(near, target):
+            return near, guess
+        beyond = guess * GUESS_SPAN if len(near) > target else guess / GUESS_SPAN
+        fine_end, coarse_end = sorted([(np.log(guess), guess, near), (np.log(beyond), beyond, file_for(beyond))])
+        if len(fine_end[2]) > target >= len(coarse_end[2]):
+            return _illinois(file_for, target, fine_end, coarse_end)
     fine, coarse = np.log(RATE_STEPS[0]), np.log(RATE_STEPS[1])  # fine step: big file; coarse: small
     best = file_for(float(np.exp(coarse)))
     if len(best) > target:
@@ -342,6 +352,20 @@ def fit_rate(file_for: Callable[[float], bytes], target: int, guess: float | Non
     finest = file_for(float(np.exp(fine)))
     if len(finest) <= target:
         return finest, float(np.exp(fine))
+    return _illinois(file_for, target, (fine, float(np.exp(fine)), finest), (coarse, float(np.exp(coarse)), best))
+
+
+def _fits(data: bytes, target: int) -> bool:
+    return (1 - RATE_TOLERANCE) * target <= len(data) <= target
+
+
+def _illinois(file_for: Callable[[float], bytes], target: int, fine_end: tuple[float, float, bytes],
+              coarse_end: tuple[float, float, bytes]) -> tuple[bytes, float]:
+    """``fit_rate``'s search between two ends (log step, step, file): the finer one's file over ``target``, the
+    coarser one's not."""
+    (fine, _, finest), (coarse, coarse_step, best) = fine_end, coarse_end
+    if _fits(best, target):
+        return best, coarse_step
     goal = math.log((1 - RATE_TOLERANCE / 2) * target)
     f_fine, f_coarse = math.log(len(finest)) - goal, math.log(len(best)) - goal
     kept = 0  # which end the last step kept: +1 fine, -1 coarse
@@ -356,9 +380,29 @@ def fit_rate(file_for: Callable[[float], bytes], target: int, guess: float | Non
             f_coarse = f_coarse / 2 if kept == -1 else f_coarse
             kept = -1
         else:
-            coarse, f_coarse, best = middle, f_middle, data
-            if len(data) >= (1 - RATE_TOLERANCE) * target:
+            coarse, f_coarse, best, coarse_step = middle, f_middle, data, float(np.exp(middle))
+            if _fits(data, target):
                 break
             f_fine = f_fine / 2 if kept == 1 else f_fine
             kept = 1
-    return best, float(np.exp(coarse))
+    return best, coarse_step
+    goal = math.log((1 - RATE_TOLERANCE / 2) * target)
+    f_fine, f_coarse = math.log(len(finest)) - goal, math.log(len(best)) - goal
+    kept = 0  # which end the last step kept: +1 fine, -1 coarse
+    for _ in range(40):
+        middle = coarse - f_coarse * (coarse - fine) / (f_coarse - f_fine)
+        if not min(fine, coarse) < middle < max(fine, coarse):
+            middle = (fine + coarse) / 2
+        data = file_for(math.exp(middle))
+        f_middle = math.log(len(data)) - goal
+        if len(data) > target:
+            fine, f_fine = middle, f_middle
+            f_coarse = f_coarse / 2 if kept == -1 else f_coarse
+            kept = -1
+        else:
+            coarse, f_coarse, best = middle, f_middle, data
+            if _fits(data, target):
+                break
+            f_fine = f_fine / 2 if kept == 1 else f_fine
+            kept = 1
+    return best, math.exp(coarse)

@@ -254,6 +254,26 @@ def test_rate_search_never_overshoots_and_stays_short() -> None:
     assert np.mean(calls) <= 6 and max(calls) <= 16
 
 
+def test_rate_search_from_a_guess_takes_fewer_encodes() -> None:
+    """fit_rate with the step that fitted before (a refined latent's file is a few percent larger or smaller):
+    never over the target, within 3% under it, in fewer encodes than a search without it (measured: 2.0 against
+    4.0 on average)."""
+    rng = np.random.default_rng(7)
+    cold, warm = [], []
+    for _ in range(300):
+        file_for = _SizeCurve(rng)
+        target = int(len(file_for(1.0)) * rng.uniform(0.3, 3))
+        _, step = rate.fit_rate(file_for, target)
+        cold.append(file_for.calls)
+        file_for.scale *= rng.uniform(0.97, 1.03)
+        file_for.calls = 0
+        data, refit = rate.fit_rate(file_for, target, guess=step)
+        warm.append(file_for.calls)
+        assert 0.97 * target <= len(data) <= target and len(data) == len(file_for(refit))
+    print(f"\nrate search: {np.mean(cold):.1f} encodes, {np.mean(warm):.1f} from a guess, at most {max(warm)}")
+    assert np.mean(warm) < 0.75 * np.mean(cold) and max(warm) <= 16
+
+
 def test_missing_high_rate_weights_fall_back_with_a_warning(square: Image.Image, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     shared = Path(os.environ[models.MODELS_ENV]).resolve()

@@ -25,6 +25,10 @@ MAX_EFFORT = max(ITERATIONS)
 #: surroundings. Chosen on 14 training photos with faces outside every held-out split at 0.15 and 0.1 bpp
 #: (benchmarks/face_steps.py --refinements, docs/fidelity/faces/README.md, "Faces refined for their stored step")
 REGION_ITERATIONS, REGION_LEARNING_RATE, REGION_CONTEXT = 8, 0.1, 6
+#: at most this many latent positions of windows are refined per image (a 512x512-pixel decode in all, about 13 s
+#: on two CPU cores): smaller faces first, those past the budget keep the encoder's latent. It bounds the time and
+#: the memory of a default save however many or large the faces.
+REGION_BUDGET = 64 * 64
 
 
 def available() -> bool:
@@ -95,14 +99,27 @@ def refine_regions(model: object, latent: np.ndarray, rgb: np.ndarray, quantizer
     round_st = _straight_through(quantizer)
     step = max(quantizer.steps)
     steps = restore.restorer_steps(step, quantizer.regions, *latent.shape[1:])
-    height, width = latent.shape[1:]
-    for region in quantizer.regions:
-        window = (slice(max(0, region.y0 - REGION_CONTEXT), min(height, region.y1 + REGION_CONTEXT)),
-                  slice(max(0, region.x0 - REGION_CONTEXT), min(width, region.x1 + REGION_CONTEXT)))
+    budget = REGION_BUDGET
+    for region, window in sorted(_windows(quantizer.regions, *latent.shape[1:]), key=lambda item: _area(item[1])):
+        budget -= _area(window)
+        if budget < 0:
+            break
         decode = _pipeline(model, step, steps if isinstance(steps, float) else steps[window], restored)
         _refine_region(refined, region, window, decode, round_st, target,
                        REGION_LEARNING_RATE * step * region.factor)
     return refined[0].cpu().numpy()
+
+
+def _windows(regions: tuple[Any, ...], height: int, width: int) -> list[tuple[Any, tuple[slice, slice]]]:
+    """Each region with its window: its (rows, columns) and ``REGION_CONTEXT`` positions around it."""
+    return [(region, (slice(max(0, region.y0 - REGION_CONTEXT), min(height, region.y1 + REGION_CONTEXT)),
+                      slice(max(0, region.x0 - REGION_CONTEXT), min(width, region.x1 + REGION_CONTEXT))))
+            for region in regions]
+
+
+def _area(window: tuple[slice, slice]) -> int:
+    rows, columns = window
+    return (rows.stop - rows.start) * (columns.stop - columns.start)
 
 
 def _refine_region(refined: Any, region: Any, window: tuple[slice, slice], decode: Callable[[Any], Any],
