@@ -272,3 +272,21 @@ def test_only_the_regions_latents_are_refined(face_photo: Image.Image) -> None:
     for region in regions:
         pixels = (slice(8 * region.y0, 8 * region.y1), slice(8 * region.x0, 8 * region.x1))
         assert psnr(rgb[pixels], after[pixels]) > psnr(rgb[pixels], before[pixels]) + 0.3
+
+
+def test_faces_past_the_refinement_budget_keep_the_encoders_latent(face_photo: Image.Image,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Smaller faces first; a face whose window no longer fits ``REGION_BUDGET`` is left as the encoder made it."""
+    from pillow_sdlatent.enhance import effort
+    from pillow_sdlatent.models import load_model
+
+    model = load_model("taesd")
+    rgb = pipeline.padded_rgb(face_photo)
+    latent = model.encode_image(rgb)
+    small, large = container.Region(40, 10, 44, 14, 0.5), container.Region(10, 8, 22, 20, 0.5)
+    quantizer = dataclasses.replace(quantize.UniformQuantizer.with_step(0.5, 4), regions=(large, small))
+    monkeypatch.setattr(effort, "REGION_BUDGET", (4 + 2 * effort.REGION_CONTEXT) ** 2)  # the small one's window
+    refined = effort.refine_regions(model, latent, rgb, quantizer)
+    changed = np.any(refined != latent, axis=0)
+    assert changed[small.y0:small.y1, small.x0:small.x1].any() and not changed[large.y0:large.y1,
+                                                                               large.x0:large.x1].any()
