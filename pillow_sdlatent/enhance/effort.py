@@ -86,9 +86,9 @@ def refine_regions(model: object, latent: np.ndarray, rgb: np.ndarray, quantizer
     Effort 0's share of effort, for faces: at 0.15 bpp the encoder's latent of a face, finer steps and all, is
     still redrawn with other eyes and mouths; refined for its quantized version it decodes closer to the
     face (+0.95 dB on the face crops of the choice photos) while the rest of the picture keeps the encoder's
-    latent. Each region is decoded with ``REGION_CONTEXT`` positions around it, a small part of the picture,
-    so it costs about a second per face on two CPU cores. Arguments as ``refine_latent``'s, with the storing
-    quantizer; deterministic for a given device.
+    latent. Each region is decoded with ``REGION_CONTEXT`` positions around it, a small part of the picture:
+    1-3 s for a photo with a face or two on two CPU cores, at most ``REGION_BUDGET``'s. Arguments as
+    ``refine_latent``'s, with the storing quantizer; deterministic for a given device.
     """
     import torch
 
