@@ -386,23 +386,3 @@ def _illinois(file_for: Callable[[float], bytes], target: int, fine_end: tuple[f
             f_fine = f_fine / 2 if kept == 1 else f_fine
             kept = 1
     return best, coarse_step
-    goal = math.log((1 - RATE_TOLERANCE / 2) * target)
-    f_fine, f_coarse = math.log(len(finest)) - goal, math.log(len(best)) - goal
-    kept = 0  # which end the last step kept: +1 fine, -1 coarse
-    for _ in range(40):
-        middle = coarse - f_coarse * (coarse - fine) / (f_coarse - f_fine)
-        if not min(fine, coarse) < middle < max(fine, coarse):
-            middle = (fine + coarse) / 2
-        data = file_for(math.exp(middle))
-        f_middle = math.log(len(data)) - goal
-        if len(data) > target:
-            fine, f_fine = middle, f_middle
-            f_coarse = f_coarse / 2 if kept == -1 else f_coarse
-            kept = -1
-        else:
-            coarse, f_coarse, best = middle, f_middle, data
-            if _fits(data, target):
-                break
-            f_fine = f_fine / 2 if kept == 1 else f_fine
-            kept = 1
-    return best, math.exp(coarse)
