@@ -132,7 +132,7 @@ class _EncodeJob:
                 return self.serialized(self.refined(latent, *stored), *stored)
             base = self.step_without_growth(latent, step)
             refined = self.refined(latent, *self.stored_as(base, latent))
-            if refined is not latent:  # refined faces cost more symbols: the rest pays for them too
+            if refined is not latent:  # the refined latent's faces cost more symbols: the rest pays for them too
                 base = self.step_without_growth(latent, step, refined)
             return self.serialized(refined, *self.stored_as(base, refined))
         data, step = rate.fit_rate(lambda step: self.file_for(latent, step), target)
