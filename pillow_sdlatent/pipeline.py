@@ -127,14 +127,11 @@ class _EncodeJob:
         if target is None:
             quality_step = rate.step_for_quality(options.quality or quantize.DEFAULT_QUALITY, options)
             step = rate.step_at_scale(quality_step, self.scale, options.model)
-            if not self.regions:
-                stored = self.stored_as(step, latent)
-                return self.serialized(self.refined(latent, *stored), *stored)
-            base = self.step_without_growth(latent, step)
-            refined = self.refined(latent, *self.stored_as(base, latent))
-            if refined is not latent:  # the refined latent's faces cost more symbols: the rest pays for them too
-                base = self.step_without_growth(latent, step, refined)
-            return self.serialized(refined, *self.stored_as(base, refined))
+            stored = self.stored_as(self.step_without_growth(latent, step) if self.regions else step, latent)
+            refined = self.refined(latent, *stored)
+            if self.regions and refined is not latent:  # the refined faces cost more symbols: the rest pays too
+                stored = self.stored_as(self.step_without_growth(latent, step, refined), refined)
+            return self.serialized(refined, *stored)
         data, step = rate.fit_rate(lambda step: self.file_for(latent, step), target)
         refined = self.refined(latent, *self.stored_as(step, latent))
         if refined is not latent:
