@@ -95,7 +95,7 @@ def test_effort_runs_the_restorer_on_the_model_device() -> None:
     step = 1.0
     assert restore.has_restorer("taesd", step)
     steps = restore.restorer_steps(step, (container.Region(1, 1, 4, 4, 0.5),), 8, 8)  # a face's finer step too
-    decoded = effort._pipeline(model, step, steps, restored=True)(torch.zeros(1, 4, 8, 8, device="meta"))
+    decoded = effort._pipeline(model, step, restored=True)(steps)(torch.zeros(1, 4, 8, 8, device="meta"))
     assert decoded.device.type == "meta" and decoded.shape == (1, 3, 64, 64)
     assert next(restore.restorer_net("taesd").parameters()).device.type == "cpu"  # the shared one stays
 
@@ -111,8 +111,8 @@ def test_effort_optimises_through_the_decode_the_file_will_get() -> None:
     latent = torch.from_numpy(np.random.default_rng(0).normal(0, 1, (1, 4, 8, 8)).astype(np.float32))
     with torch.no_grad():
         plain = effort._decoder_fn(model)(latent)
-        unrestored = effort._pipeline(model, 1.0, 1.0, restored=False)(latent)
-        restored = effort._pipeline(model, 1.0, 1.0, restored=True)(latent)
+        unrestored = effort._pipeline(model, 1.0, restored=False)(1.0)(latent)
+        restored = effort._pipeline(model, 1.0, restored=True)(1.0)(latent)
     assert torch.equal(unrestored, plain)
     assert float((restored - plain).abs().mean()) > 0.01
 

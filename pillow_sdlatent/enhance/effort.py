@@ -63,7 +63,7 @@ def refine_latent(model: object, latent: np.ndarray, rgb: np.ndarray, step: floa
     round_st = _straight_through(step)
     regions = () if isinstance(step, (int, float)) else step.regions
     step = step if isinstance(step, (int, float)) else max(step.steps)  # the decoder's restorer gate
-    decode = _pipeline(model, step, restore.restorer_steps(step, regions, *latent.shape[1:]), restored)
+    decode = _pipeline(model, step, restored)(restore.restorer_steps(step, regions, *latent.shape[1:]))
     first: list[float] = []
 
     def loss_of(values: torch.Tensor) -> torch.Tensor:
@@ -99,12 +99,13 @@ def refine_regions(model: object, latent: np.ndarray, rgb: np.ndarray, quantizer
     round_st = _straight_through(quantizer)
     step = max(quantizer.steps)
     steps = restore.restorer_steps(step, quantizer.regions, *latent.shape[1:])
+    decoding = _pipeline(model, step, restored)
     budget = REGION_BUDGET
     for region, window in sorted(_windows(quantizer.regions, *latent.shape[1:]), key=lambda item: _area(item[1])):
         budget -= _area(window)
         if budget < 0:
             break
-        decode = _pipeline(model, step, steps if isinstance(steps, float) else steps[window], restored)
+        decode = decoding(steps if isinstance(steps, float) else steps[window])
         _refine_region(refined, region, window, decode, round_st, target,
                        REGION_LEARNING_RATE * step * region.factor)
     return refined[0].cpu().numpy()
@@ -185,12 +186,15 @@ def _straight_through(step: float | Any) -> Callable[[Any], Any]:
     return lambda z: z + (stored(z) - z).detach()
 
 
-def _pipeline(model: object, step: float, steps: float | np.ndarray, restored: bool):
+def _pipeline(model: object, step: float, restored: bool) -> Callable[[float | np.ndarray], Callable[[Any], Any]]:
     """What the decoder side will run on the dequantized latent: the restorer where it is on by default at
-    the file's base ``step`` (and ``restored``), given ``steps`` (``restore.restorer_steps``: that step, or
-    a plane of each position's), then the decoder; optimising against the decoder alone made effort worse
-    than none at those steps (the restorer then corrects errors the refinement already fixed), and
-    optimising through a restorer the reader skips made small text worse."""
+    the file's base ``step`` (and ``restored``), then the decoder; optimising against the decoder alone made
+    effort worse than none at those steps (the restorer then corrects errors the refinement already fixed),
+    and optimising through a restorer the reader skips made small text worse.
+
+    Returns ``at(steps)`` -> ``decode(z)``: the networks are made ready once (a float32 copy of a half-precision
+    decoder, the restorer on the model's device), and ``steps`` (``restore.restorer_steps``: the step, or a
+    plane of each position's, or a window of it) is bound per latent decoded."""
     import torch
 
     from . import restore
@@ -198,13 +202,17 @@ def _pipeline(model: object, step: float, steps: float | np.ndarray, restored: b
     decode = _decoder_fn(model)
     name = model.spec.name  # type: ignore[attr-defined]
     if not restored or not restore.has_restorer(name, step):
-        return decode
+        return lambda steps: decode
     device = torch.device(model.device)  # type: ignore[attr-defined]
     net = restore.restorer_net(name)  # shared, on the CPU: a copy goes to the model's device
     if next(net.parameters()).device != device:
         net = copy.deepcopy(net).to(device)
-    level = torch.from_numpy(restore.step_input(steps)).to(device)
-    return lambda z: decode(net(z, level))
+
+    def at(steps: float | np.ndarray) -> Callable[[Any], Any]:
+        level = torch.from_numpy(restore.step_input(steps)).to(device)
+        return lambda z: decode(net(z, level))
+
+    return at
 
 
 def _decoder_fn(model: object):
