@@ -244,15 +244,22 @@ def test_the_face_is_refined_for_its_quantized_version(face_photo: Image.Image, 
     assert face_gain > 0.3 and psnr(original, refined) > psnr(original, plain), face_gain
 
 
-def test_only_the_regions_latents_are_refined(face_photo: Image.Image) -> None:
-    """``refine_regions`` moves the positions inside the regions and no other, and brings each region's pixels
-    closer to the original, through the latent restorer too (taesd at step 1.0, a face at half of it)."""
-    from pillow_sdlatent.enhance import effort, restore
+@pytest.fixture(scope="module")
+def face_latent(face_photo: Image.Image) -> tuple[object, np.ndarray, np.ndarray]:
+    """``taesd``, the face photo's padded RGB and its latent, for refining."""
     from pillow_sdlatent.models import load_model
 
     model = load_model("taesd")
     rgb = pipeline.padded_rgb(face_photo)
-    latent = model.encode_image(rgb)
+    return model, rgb, model.encode_image(rgb)
+
+
+def test_only_the_regions_latents_are_refined(face_latent: tuple[object, np.ndarray, np.ndarray]) -> None:
+    """``refine_regions`` moves the positions inside the regions and no other, and brings each region's pixels
+    closer to the original, through the latent restorer too (taesd at step 1.0, a face at half of it)."""
+    from pillow_sdlatent.enhance import effort, restore
+
+    model, rgb, latent = face_latent
     regions = (container.Region(20, 8, 32, 22, 0.5), container.Region(40, 10, 46, 16, 0.5))
     quantizer = quantize.UniformQuantizer.with_step(1.0, 4)
     quantizer = dataclasses.replace(quantizer, regions=regions)
@@ -274,15 +281,12 @@ def test_only_the_regions_latents_are_refined(face_photo: Image.Image) -> None:
         assert psnr(rgb[pixels], after[pixels]) > psnr(rgb[pixels], before[pixels]) + 0.3
 
 
-def test_faces_past_the_refinement_budget_keep_the_encoders_latent(face_photo: Image.Image,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_faces_past_the_refinement_budget_keep_the_encoders_latent(
+        face_latent: tuple[object, np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
     """Smaller faces first; a face whose window no longer fits ``REGION_BUDGET`` is left as the encoder made it."""
     from pillow_sdlatent.enhance import effort
-    from pillow_sdlatent.models import load_model
 
-    model = load_model("taesd")
-    rgb = pipeline.padded_rgb(face_photo)
-    latent = model.encode_image(rgb)
+    model, rgb, latent = face_latent
     small, large = container.Region(40, 10, 44, 14, 0.5), container.Region(10, 8, 22, 20, 0.5)
     quantizer = dataclasses.replace(quantize.UniformQuantizer.with_step(0.5, 4), regions=(large, small))
     monkeypatch.setattr(effort, "REGION_BUDGET", (4 + 2 * effort.REGION_CONTEXT) ** 2)  # the small one's window
